@@ -1,0 +1,122 @@
+"""Backend registry: the one dispatch point of the package.
+
+Every fused backend implements the same two launchers over a ``[N, V]`` logits
+buffer. Per-row inputs are contiguous ``[N]`` tensors on the logits' device;
+``target`` is int64 and already validated (each id in ``[0, V)`` or
+``ignore_index``). All math is float32.
+
+``fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature,
+ignore_index, want_entropy) -> (logp, entropy, lse, loss, coef)``
+
+* logits: [N, V] float32 / bfloat16 / float16, ``stride(1) == 1``, any row stride.
+* old, adv, mask: [N] float32; ``ref``: [N] float32 or None (no KL term).
+* mode: one of ``config.MODE_*``; params: 8 floats, the layout of that config's
+  ``kernel_params()``; beta: KL weight (used only when ``ref`` is given).
+* one read of each row: ``x = logits[n] / T`` (fp32), online max / sum-exp,
+  ``lse[n] = logsumexp(x)``, ``logp[n] = x[y] - lse`` (0 where y == ignore_index),
+  ``entropy[n] = lse - sum(softmax(x) * x)`` (0 where ignored; an empty [0]
+  tensor when ``want_entropy`` is False).
+* epilogue per row, ``active = y != ignore_index and mask != 0``;
+  ``delta = logp - old``; ``loss[n]`` the mode's per-token loss (+ ``beta * k3``
+  KL when ref is given) and ``coef[n] = d loss[n] / d logp[n]``; both exactly 0
+  on inactive rows (never read old / adv / ref there: padding may hold inf/NaN).
+  MODE_NONE leaves loss and coef at 0.
+
+``bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out)``
+
+* writes ``out[n, v] = (dlogp[n] * (1[v == y] - p) - dent[n] * p * (log p + H[n])) / T``
+  with ``p = exp(x - lse)``, ``log p = x - lse``, ``H = entropy``; ``p * log p``
+  counts as 0 where p == 0; rows with y == ignore_index are written as exact 0.
+* ``dent`` / ``entropy`` may be None (no entropy term). ``out`` is [N, V] in
+  the logits dtype and may be ``logits`` itself (in-place backward: each element
+  is read before it is written, by the same program).
+
+The reference (``"torch"``) is not a fused backend: it is plain autograd.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+from ._inputs import BACKENDS
+
+_FUSED = ("triton", "cuda", "cpu")
+_cache: dict = {}
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _load(name: str):
+    """The backend module, or None when it cannot work in this process."""
+    if name in _cache:
+        return _cache[name]
+    mod = None
+    try:
+        if name == "triton":
+            import triton_kernels as mod  # noqa: F811
+        elif name in ("cuda", "cpu"):
+            from . import _native
+
+            mod = _native.backend(name)
+    except ImportError as e:  # an optional dependency or the extension is missing
+        if os.environ.get("MHPO_VERBOSE"):
+            warnings.warn(f"mhpo_kernels: backend {name!r} unavailable: {e}")
+        mod = None
+    _cache[name] = mod
+    return mod
+
+
+def _supports(name: str, device: torch.device) -> bool:
+    if _load(name) is None:
+        return False
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+    return device.type == name
+
+
+def available_backends(device=None) -> list:
+    """Backends that work in this process, for ``device`` (default: CUDA if present, else CPU).
+
+    ``"torch"`` (the reference) always works. ``"triton"`` needs a CUDA device,
+    or ``TRITON_INTERPRET=1`` for CPU tensors (slow; for tests).
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    return [b for b in _FUSED if _supports(b, device)] + ["torch"]
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    """The backend to run: ``"auto"`` picks the fastest available one for ``device``.
+
+    ``MHPO_BACKEND`` in the environment overrides ``"auto"``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("MHPO_BACKEND", "auto")
+    if backend == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        return next((b for b in order if _supports(b, device)), "torch")
+    if backend != "torch" and not _supports(backend, device):
+        hint = ""
+        if backend == "triton" and device.type == "cpu":
+            hint = " (Triton runs CPU tensors only with TRITON_INTERPRET=1)"
+        elif backend in ("cuda", "cpu") and _load(backend) is None:
+            hint = " (the native extension is not built; see README)"
+        raise RuntimeError(
+            f"backend {backend!r} is not available for {device.type} tensors{hint}; "
+            f"available: {available_backends(device)}"
+        )
+    return backend
+
+
+def get(name: str):
+    mod = _load(name)
+    if mod is None:
+        raise RuntimeError(f"backend {name!r} is not available")
+    return mod

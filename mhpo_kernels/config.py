@@ -1,0 +1,120 @@
+"""Ratio-control configurations.
+
+Each config is a frozen, validated dataclass. Every token-level config maps to
+one kernel epilogue: ``kernel_mode`` names the branch compiled into the fused
+kernels and ``kernel_params()`` packs its scalars into a fixed-length tuple
+(the layout is documented on each method, and mirrored by every backend).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "KERNEL_PARAMS", "MODE_NONE", "MODE_MHPO", "MODE_CLIP", "MODE_SAPO"]
+
+# Epilogue ids shared by every backend (triton_kernels, csrc). Keep in sync.
+MODE_NONE = 0  # log-probs (and entropy) only, no per-token loss
+MODE_MHPO = 1
+MODE_CLIP = 2
+MODE_SAPO = 3
+KERNEL_PARAMS = 8  # length of every kernel_params() tuple
+
+# exp(20) ~ 4.85e8: the log-ratio clamp verl applies in its clip loss.
+CLIP_LOG_RATIO_LIMIT = 20.0
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _pad(values: tuple) -> tuple:
+    return tuple(float(v) for v in values) + (0.0,) * (KERNEL_PARAMS - len(values))
+
+
+@dataclass(frozen=True)
+class MHPOConfig:
+    """MHPO ratio control (arXiv 2603.16929; defaults from its section 4.1).
+
+    ``c`` bounds the Log-Fidelity Modulator ``psi = c * tanh(delta / c)``;
+    ``(k_pos, lam_pos)`` and ``(k_neg, lam_neg)`` are the Weibull shape and
+    scale of the Decoupled Hazard Penalty for positive and negative shifts.
+    Ablations: ``use_dhp=False`` is "LFM only" (zeta = 0), ``use_lfm=False`` is
+    "DHP only" (psi = delta); symmetric DHP is ``k_neg=k_pos, lam_neg=lam_pos``.
+    """
+
+    c: float = 1.5
+    k_pos: float = 1.5
+    lam_pos: float = 1.0
+    k_neg: float = 2.0
+    lam_neg: float = 0.8
+    use_lfm: bool = True
+    use_dhp: bool = True
+
+    def __post_init__(self):
+        for name in ("c", "k_pos", "lam_pos", "k_neg", "lam_neg"):
+            _positive(name, getattr(self, name))
+        for name in ("use_lfm", "use_dhp"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    kernel_mode = MODE_MHPO
+
+    def kernel_params(self) -> tuple:
+        """(c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp, 0)."""
+        return _pad((self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg, self.use_lfm, self.use_dhp))
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """PPO / GRPO clipped surrogate, verl's convention.
+
+    ``loss = max(-r*A, -clip(r, 1-eps_low, 1+eps_high)*A)`` with
+    ``r = exp(clamp(delta, -20, 20))`` (verl clamps the log-ratio). DAPO
+    "clip-higher" is ``eps_high > eps_low`` (0.2 / 0.28). ``dual_clip_c``
+    (verl's ``clip_ratio_c``, > 1) caps the loss of negative-advantage tokens at
+    ``-dual_clip_c * A``. ``delta`` (TRL's two-sided clipping) caps the
+    unclipped ratio at ``delta`` (> 1) before the min.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip_c: float | None = None
+    delta: float | None = None
+
+    def __post_init__(self):
+        for name in ("eps_low", "eps_high"):
+            _positive(name, getattr(self, name))
+        if self.eps_low >= 1:
+            raise ValueError(f"eps_low must be < 1, got {self.eps_low}")
+        for name in ("dual_clip_c", "delta"):
+            v = getattr(self, name)
+            if v is not None:
+                _positive(name, v)
+                if v <= 1:
+                    raise ValueError(f"{name} must be > 1, got {v}")
+
+    kernel_mode = MODE_CLIP
+
+    def kernel_params(self) -> tuple:
+        """(eps_low, eps_high, dual_clip_c or 0, delta or 0)."""
+        return _pad((self.eps_low, self.eps_high, self.dual_clip_c or 0.0, self.delta or 0.0))
+
+
+@dataclass(frozen=True)
+class SAPOConfig:
+    """SAPO soft gate: ``loss = -(4/tau) * sigmoid(tau * (r - 1)) * A`` with
+    ``tau = tau_pos`` if ``A > 0`` else ``tau_neg`` (TRL / Liger-Kernel defaults)."""
+
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    def __post_init__(self):
+        _positive("tau_pos", self.tau_pos)
+        _positive("tau_neg", self.tau_neg)
+
+    kernel_mode = MODE_SAPO
+
+    def kernel_params(self) -> tuple:
+        """(tau_pos, tau_neg)."""
+        return _pad((self.tau_pos, self.tau_neg))
