@@ -1,0 +1,14 @@
+"""mhpo-kernels: fused kernels for the MHPO policy loss (arXiv 2603.16929).
+
+>>> import mhpo_kernels as mk
+>>> out = mk.mhpo_loss(logits, target_ids, old_logprobs, advantages, mask)   # doctest: +SKIP
+>>> out.loss.backward()                                                      # doctest: +SKIP
+"""
+from . import reference
+from ._inputs import MHPOOutput
+from .backends import available_backends
+from .config import ClipConfig, MHPOConfig, SAPOConfig
+from .loss import mhpo_loss
+
+__version__ = "0.1.0"
+__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "MHPOOutput", "mhpo_loss", "available_backends", "reference"]

@@ -1,0 +1,48 @@
+import os
+
+import pytest
+import torch
+
+# Without a GPU, the Triton backend runs through Triton's interpreter on CPU
+# tensors; the variable must be set before triton_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+# One tolerance table per dtype: (atol relative to max|expected|, rtol) for the
+# gradient, which is stored in the logits dtype; per-token outputs and the loss
+# are computed in fp32 whatever the input dtype and use the "fp32" row.
+TOL = {
+    torch.float32: (2e-6, 2e-5),
+    torch.bfloat16: (2e-3, 1.6e-2),
+    torch.float16: (2e-4, 2e-3),
+    torch.float64: (1e-12, 1e-10),
+}
+SCALAR_TOL = (2e-5, 2e-5)
+
+
+def assert_close(actual, expected, atol_rel, rtol, what=""):
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs()
+    bound = atol_rel * max(scale, 1e-30) + rtol * expected.abs()
+    worst = (err - bound).max().item() if err.numel() else -1
+    assert worst <= 0, f"{what}: max err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
+
+
+@pytest.fixture(autouse=True)
+def nan_poison(monkeypatch):
+    """torch.empty* returns NaN-filled float tensors, so an unwritten output fails loudly."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.dtype.is_floating_point and t.numel():
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    yield
