@@ -59,7 +59,7 @@ def fused_policy_loss(
         kl = None
         if x.ref is not None:
             d = torch.where(active, x.ref - logp, zero)
-            kl = torch.exp(d) - d - 1
+            kl = torch.expm1(d) - d  # k3, accurate near d = 0
     metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl)
     return MHPOOutput(
         loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics

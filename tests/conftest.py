@@ -22,13 +22,13 @@ TOL = {
 SCALAR_TOL = (2e-5, 2e-5)
 
 
-def assert_close(actual, expected, atol_rel, rtol, what=""):
+def assert_close(actual, expected, atol_rel, rtol, what="", floor=1e-30):
     actual, expected = actual.double().cpu(), expected.double().cpu()
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     scale = expected.abs().max().item() if expected.numel() else 0.0
     err = (actual - expected).abs()
-    bound = atol_rel * max(scale, 1e-30) + rtol * expected.abs()
+    bound = atol_rel * max(scale, floor) + rtol * expected.abs()
     worst = (err - bound).max().item() if err.numel() else -1
     assert worst <= 0, f"{what}: max err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
 

@@ -11,7 +11,7 @@ import triton.language as tl
 def _log1p(y):
     # log(1 + y) accurate for tiny y (Goldberg): u = 1 + y rounded, then correct.
     u = 1.0 + y
-    return tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
 
 
 @triton.jit

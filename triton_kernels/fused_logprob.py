@@ -17,6 +17,13 @@ CLIP_LOG_RATIO_LIMIT = 20.0
 
 
 @triton.jit
+def _k3(d, ed):
+    # exp(d) - d - 1 without the cancellation near d = 0 (Taylor series below |d| = 0.5)
+    series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (1.0 / 720 + d / 5040.0)))))
+    return tl.where(tl.abs(d) < 0.5, series, ed - d - 1.0)
+
+
+@triton.jit
 def _fwd_kernel(
     logits_ptr, stride_n, target_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
     logp_ptr, ent_ptr, lse_ptr, loss_ptr, coef_ptr,
@@ -71,7 +78,7 @@ def _fwd_kernel(
             # k3 KL: exp(ref - logp) - (ref - logp) - 1
             d = tl.where(active, tl.load(ref_ptr + row) - logp, 0.0)
             ed = tl.exp(d)
-            loss += beta * (ed - d - 1.0)
+            loss += beta * _k3(d, ed)
             coef += beta * (1.0 - ed)
         tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
         tl.store(coef_ptr + row, tl.where(active, coef, 0.0))

@@ -1,0 +1,170 @@
+"""Every fused backend against the float64 reference, through the public API."""
+import itertools
+import os
+
+import pytest
+import torch
+
+import mhpo_kernels as mk
+from mhpo_kernels._inputs import LOSS_AGG_MODES
+
+from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from util import make_case
+
+FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VOCABS = [1, 2, 127, 1031, 32768 + 13]
+SHAPES = {"N1": (1,), "N37": (37,), "B3T13": (3, 13)}
+
+
+def test_expected_backends_available():
+    """CI names the backends it built (MHPO_EXPECT_BACKENDS); a missing one fails instead of skipping."""
+    expected = [b for b in os.environ.get("MHPO_EXPECT_BACKENDS", "").split(",") if b]
+    missing = [b for b in expected if b not in mk.available_backends(DEVICE)]
+    assert not missing, f"backends {missing} not available; have {mk.available_backends(DEVICE)}"
+    assert mk.available_backends(DEVICE)[-1] == "torch"
+
+
+def run(backend, case, *, beta=0.0, upstream_seed=0, inplace_backward=False, return_entropy=True, **kw):
+    """Loss, per-token outputs and the logits gradient for random upstream gradients."""
+    logits, ids, old, adv, mask, ref = case
+    leaf = logits.clone().requires_grad_()
+    z = leaf + 0 if inplace_backward else leaf  # a non-leaf, like an lm_head output
+    out = mk.mhpo_loss(z, ids, old, adv, mask, ref_logprobs=ref if beta else None, beta=beta,
+                       return_entropy=return_entropy, backend=backend, inplace_backward=inplace_backward, **kw)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = out.loss * (1 + torch.rand((), generator=g)).to(out.loss)
+    if return_entropy:
+        total = total + (out.entropy * torch.randn(out.entropy.shape, generator=g).to(out.entropy)).sum()
+    total.backward()
+    if inplace_backward:
+        assert torch.equal(z.detach(), leaf.grad), "in-place backward must leave the gradient in the logits buffer"
+    return out, leaf.grad
+
+
+def check_against_reference(backend, case, dtype, **kw):
+    out, grad = run(backend, case, **kw)
+    ref_case = tuple(None if t is None else (t.double() if t.is_floating_point() else t) for t in case)
+    kw.pop("inplace_backward", None)
+    want, want_grad = run("torch", ref_case, **kw)
+    assert out.loss.dtype == torch.float32
+    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+    assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
+    if kw.get("return_entropy", True):
+        assert_close(out.entropy, want.entropy, *SCALAR_TOL, "entropy")
+    assert grad.dtype == dtype
+    assert_close(grad, want_grad, *TOL[dtype], "grad")
+    assert out.metrics.keys() == want.metrics.keys()
+    for k in want.metrics:
+        assert_close(out.metrics[k], want.metrics[k], 1e-4, 1e-4, f"metric {k}", floor=1e-2)
+    return out, grad
+
+
+GRID = list(itertools.product(DTYPES, VOCABS, SHAPES))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype,V,shape", GRID, ids=[f"{d}-V{v}-{s}" for d, v, s in GRID])
+def test_grid(backend, dtype, V, shape):
+    i = GRID.index((dtype, V, shape))  # cycle the remaining options over the grid
+    kw = dict(temperature=(1.0, 0.7)[i % 2], loss_agg_mode=LOSS_AGG_MODES[(i // 2) % 4],
+              beta=(0.0, 0.1)[(i // 3) % 2], inplace_backward=bool((i // 5) % 2))
+    case = make_case(SHAPES[shape], V, DTYPES[dtype], seed=i, device=DEVICE)
+    check_against_reference(backend, case, DTYPES[dtype], upstream_seed=i, **kw)
+
+
+OPTIONS = list(itertools.product(LOSS_AGG_MODES, (1.0, 0.7), (0.0, 0.1), (False, True)))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("agg,temperature,beta,inplace", OPTIONS,
+                         ids=[f"{a}-T{t}-beta{b}-{'inplace' if i else 'alloc'}" for a, t, b, i in OPTIONS])
+def test_options(backend, agg, temperature, beta, inplace):
+    case = make_case((3, 13), 127, torch.float32, seed=7, device=DEVICE)
+    check_against_reference(backend, case, torch.float32, loss_agg_mode=agg, temperature=temperature,
+                            beta=beta, inplace_backward=inplace)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("config", [mk.MHPOConfig(), mk.MHPOConfig(use_dhp=False), mk.MHPOConfig(use_lfm=False),
+                                    mk.MHPOConfig(c=0.5, k_neg=1.5, lam_neg=1.0)],
+                         ids=["default", "lfm_only", "dhp_only", "sym_c0.5"])
+def test_configs_without_entropy(backend, config):
+    case = make_case((37,), 1031, torch.float32, seed=3, device=DEVICE, ratio_spread=1.5)
+    out, _ = check_against_reference(backend, case, torch.float32, config=config, return_entropy=False)
+    assert out.entropy is None
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("shift", [300.0, -300.0, 1e4, -1e4])
+@pytest.mark.parametrize("config", [mk.MHPOConfig(), mk.MHPOConfig(use_dhp=False), mk.MHPOConfig(use_lfm=False)],
+                         ids=["default", "lfm_only", "dhp_only"])
+def test_extreme_log_ratios(backend, shift, config):
+    logits, ids, old, adv, mask, ref = make_case((2, 9), 127, torch.float32, seed=4, device=DEVICE)
+    old = old - shift  # delta = logp - old = shift + noise
+    out, grad = run(backend, (logits, ids, old, adv, mask, ref), config=config, beta=0.1)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    assert all(torch.isfinite(v) for k, v in out.metrics.items() if not k.startswith("ratio_"))
+    if backend != "torch":
+        want, want_grad = run("torch", (logits, ids, old, adv, mask, ref), config=config, beta=0.1)
+        assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+        assert_close(grad, want_grad, *TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_inactive_rows_get_exact_zero_gradient(backend):
+    logits, ids, old, adv, mask, ref = make_case((4, 8), 131, torch.bfloat16, seed=5, device=DEVICE,
+                                                 ignore_frac=0.3, mask_frac=0.3)
+    _, grad = run(backend, (logits, ids, old, adv, mask, ref), beta=0.1, return_entropy=False)
+    inactive = (mask == 0) | (ids == -100)
+    assert inactive.any() and (~inactive).any()
+    assert torch.equal(grad[inactive], torch.zeros_like(grad[inactive]))
+    assert (grad[~inactive] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+def test_empty_and_all_masked(backend, agg):
+    for shape in [(0,), (2, 0), (0, 5)]:
+        logits = torch.randn(*shape, 17, device=DEVICE, requires_grad=True)
+        z = torch.zeros(shape, device=DEVICE)
+        out = mk.mhpo_loss(logits, z.long(), z, z, loss_agg_mode=agg, backend=backend, return_entropy=True)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and logits.grad.shape == logits.shape
+    logits, ids, old, adv, mask, ref = make_case((3, 6), 17, torch.float32, seed=6, device=DEVICE)
+    out, grad = run(backend, (logits, ids, old, adv, torch.zeros_like(mask), ref), loss_agg_mode=agg,
+                    beta=0.1, return_entropy=False)
+    assert out.loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_noncontiguous_and_strided_logits(backend):
+    logits, ids, old, adv, mask, ref = make_case((37,), 129, torch.float32, seed=8, device=DEVICE)
+    wide = torch.randn(37, 200, device=DEVICE)
+    wide[:, :129] = logits
+    strided = wide[:, :129]  # row stride 200, unit stride along V: used as is
+    transposed = logits.t().contiguous().t()  # V not unit-stride: copied
+    want, want_grad = run("torch", (logits, ids, old, adv, mask, ref), beta=0.1)
+    for z in (strided, transposed):
+        out, grad = run(backend, (z, ids, old, adv, mask, ref), beta=0.1)
+        assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+        assert_close(grad, want_grad, *TOL[torch.float32], "grad")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", FUSED)
+def test_int64_row_offsets(backend):
+    """Rows past element 2^31 of the buffer: the row offset must be computed in int64."""
+    V, stride = 97, 2**30 + 3
+    storage = torch.empty(2 * stride + V, dtype=torch.bfloat16, device=DEVICE)
+    logits = storage.as_strided((3, V), (stride, 1))
+    assert logits.stride(0) * 2 > 2**31
+    logits.copy_(torch.randn(3, V))
+    ids = torch.tensor([5, 96, 0], device=DEVICE)
+    old = torch.full((3,), -4.0, device=DEVICE)
+    adv = torch.tensor([1.0, -0.5, 2.0], device=DEVICE)
+    out, grad = run(backend, (logits, ids, old, adv, None, None))
+    want, want_grad = run("torch", (logits.clone().double(), ids, old, adv, None, None))
+    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+    assert_close(grad, want_grad, *TOL[torch.bfloat16], "grad")
