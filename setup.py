@@ -1,10 +1,80 @@
 """Build script. The Python packages always install; the native extension
 (csrc/) is added by ``_native_extensions()``."""
+import os
+
 from setuptools import find_packages, setup
 
 
 def _native_extensions():
-    return [], {}
+    """(ext_modules, cmdclass) of the native backends, or ([], {}) for a pure-Python install.
+
+    * ``mhpo_kernels._C_cpu``: the op library (schemas, CPU and Meta kernels),
+      always built. The row kernels are compiled once per ISA (baseline,
+      AVX2, AVX-512) and picked at run time, so no ``-march=native``.
+    * ``mhpo_kernels._C_cuda``: the CUDA kernels, when a CUDA toolkit is found
+      (``CUDA_HOME``) and torch is a CUDA build; SASS for sm_80 and sm_90 plus
+      PTX for newer GPUs (``MHPO_CUDA_ARCHS="80;90;100"`` changes the list).
+
+    ``MHPO_BUILD_NATIVE=0`` skips all native code. ``MHPO_BUILD_CUDA=0`` skips
+    the CUDA part, ``=1`` makes a missing toolkit an error.
+    """
+    native = os.environ.get("MHPO_BUILD_NATIVE", "auto")
+    want_cuda = os.environ.get("MHPO_BUILD_CUDA", "auto")
+    if native == "0":
+        return [], {}
+    try:  # torch only here: metadata-only steps (egg_info, sdist) work without it
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        if native == "1" or want_cuda == "1":
+            raise
+        print("mhpo-kernels: torch not importable, building without the native backends")
+        return [], {}
+    if os.name == "nt" and native != "1":
+        print("mhpo-kernels: the native backends need GCC or Clang; skipped on Windows")
+        return [], {}
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    csrc = os.path.join("csrc")
+    cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
+    cpu_sources = [
+        os.path.join(csrc, "mhpo_cpu.cpp"),
+        os.path.join(csrc, "cpu", "rows_default.cpp"),
+        os.path.join(csrc, "cpu", "rows_avx2.cpp"),
+        os.path.join(csrc, "cpu", "rows_avx512.cpp"),
+    ]
+    exts = [
+        cpp_extension.CppExtension(
+            "mhpo_kernels._C_cpu",
+            cpu_sources,
+            include_dirs=[os.path.join(here, csrc)],
+            extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
+        )
+    ]
+
+    cuda_home = cpp_extension.CUDA_HOME
+    nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if want_cuda == "1" and not (nvcc and torch.version.cuda):
+        raise RuntimeError(
+            "MHPO_BUILD_CUDA=1 but no usable CUDA toolkit: set CUDA_HOME to the toolkit root "
+            f"(found {cuda_home!r}) and use a CUDA build of torch (torch.version.cuda={torch.version.cuda})"
+        )
+    if want_cuda != "0" and nvcc and torch.version.cuda:
+        archs = [a.strip() for a in os.environ.get("MHPO_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+        gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+        gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
+        exts.append(
+            cpp_extension.CUDAExtension(
+                "mhpo_kernels._C_cuda",
+                [os.path.join(csrc, "mhpo_cuda_ops.cpp"), os.path.join(csrc, "mhpo_cuda.cu")],
+                include_dirs=[os.path.join(here, csrc)],
+                extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *gencode]},
+            )
+        )
+    elif want_cuda != "0":
+        print("mhpo-kernels: no CUDA toolkit (CUDA_HOME) or CPU-only torch: building the CPU backend only")
+    return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _native_extensions()

@@ -114,12 +114,16 @@ def _bwd_kernel(
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=inb)
 
 
-def _block_v(V: int) -> int:
-    return min(triton.next_power_of_2(V), 4096)
+# The configurations we ship (triton_kernels.aot compiles every one of them for sm_80 / sm_90).
+BLOCKS_V = (128, 256, 512, 1024, 2048, 4096)
 
 
-def _num_warps(block_v: int) -> int:
-    return 8 if block_v >= 2048 else 4 if block_v >= 512 else 1 if block_v <= 64 else 2
+def block_v(V: int) -> int:
+    return min(max(triton.next_power_of_2(V), BLOCKS_V[0]), BLOCKS_V[-1])
+
+
+def num_warps(block: int) -> int:
+    return 8 if block >= 2048 else 4 if block >= 512 else 2
 
 
 def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy):
@@ -134,14 +138,14 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
         loss, coef = torch.empty(N, **f32), torch.empty(N, **f32)
     if N == 0:
         return logp, entropy, lse, loss, coef
-    block_v = _block_v(V)
+    block = block_v(V)
     _fwd_kernel[(N,)](
         logits, logits.stride(0), target, old, adv, mask, ref if ref is not None else old,
         logp, entropy if want_entropy else logp, lse, loss, coef,
         V, float(temperature), int(ignore_index), float(beta),
         *[float(p) for p in params[:7]],
         MODE=int(mode), HAS_REF=ref is not None, WANT_ENT=bool(want_entropy),
-        BLOCK_V=block_v, LIMIT=CLIP_LOG_RATIO_LIMIT, num_warps=_num_warps(block_v),
+        BLOCK_V=block, LIMIT=CLIP_LOG_RATIO_LIMIT, num_warps=num_warps(block),
     )
     return logp, entropy, lse, loss, coef
 
@@ -151,10 +155,10 @@ def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, ou
     if N == 0:
         return
     has_dent = dent is not None
-    block_v = _block_v(V)
+    block = block_v(V)
     _bwd_kernel[(N,)](
         logits, logits.stride(0), out, out.stride(0), target, lse,
         entropy if has_dent else lse, dlogp, dent if has_dent else dlogp,
         V, float(temperature), int(ignore_index),
-        HAS_DENT=has_dent, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        HAS_DENT=has_dent, BLOCK_V=block, num_warps=num_warps(block),
     )

@@ -1,0 +1,218 @@
+// The mhpo_kernels_C op library: schemas, the CPU kernels and the Meta (fake)
+// kernels. Built as mhpo_kernels._C_cpu; the CUDA kernels (mhpo_cuda_ops.cpp)
+// register into the same library from mhpo_kernels._C_cuda.
+//
+// fwd: one read of each row (csrc/cpu/rows_impl.inc), then the per-token
+// epilogue (mhpo_epilogue.h). bwd: one read and one write of each row.
+// Semantics: the launcher contract in mhpo_kernels/backends.py.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "cpu/rows.h"
+#include "mhpo_ops.h"
+
+namespace mhpo {
+namespace {
+
+using cpu::RowKernels;
+
+bool cpu_supports(const std::string& isa) {
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (isa == "avx512") {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  }
+  if (isa == "avx2") {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi2");
+  }
+#endif
+  return isa == "default";
+}
+
+// The best compiled row kernels this CPU runs. MHPO_CPU_ISA (default | avx2 |
+// avx512) forces one (an error if this CPU or build lacks it); otherwise
+// ATEN_CPU_CAPABILITY, when set, caps the choice as it caps PyTorch's own kernels.
+RowKernels select_row_kernels() {
+  const RowKernels all[] = {cpu::row_kernels_avx512(), cpu::row_kernels_avx2(), cpu::row_kernels_default()};
+  const char* forced = std::getenv("MHPO_CPU_ISA");
+  if (forced != nullptr && forced[0] != '\0') {
+    for (const auto& k : all) {
+      if (k.isa != nullptr && forced == std::string(k.isa)) {
+        TORCH_CHECK(cpu_supports(k.isa), "MHPO_CPU_ISA=", forced, ": this CPU does not support it");
+        return k;
+      }
+    }
+    TORCH_CHECK(false, "MHPO_CPU_ISA=", forced, ": not one of the ISAs built here (default, avx2, avx512)");
+  }
+  const char* cap = std::getenv("ATEN_CPU_CAPABILITY");
+  const std::string cap_s = cap == nullptr ? "" : cap;
+  for (const auto& k : all) {
+    if (k.isa == nullptr || !cpu_supports(k.isa)) continue;
+    if (cap_s == "default" && std::string(k.isa) != "default") continue;
+    if (cap_s == "avx2" && std::string(k.isa) == "avx512") continue;
+    return k;
+  }
+  return all[2];
+}
+
+std::string cpu_isa() { return select_row_kernels().isa; }
+
+inline float load_scalar(const char* row, int64_t i, int dt) {
+  switch (dt) {
+    case cpu::kF32: return reinterpret_cast<const float*>(row)[i];
+    case cpu::kBF16: return static_cast<float>(reinterpret_cast<const c10::BFloat16*>(row)[i]);
+    default: return static_cast<float>(reinterpret_cast<const c10::Half*>(row)[i]);
+  }
+}
+
+inline void store_scalar(char* row, int64_t i, int dt, float v) {
+  switch (dt) {
+    case cpu::kF32: reinterpret_cast<float*>(row)[i] = v; break;
+    case cpu::kBF16: reinterpret_cast<c10::BFloat16*>(row)[i] = c10::BFloat16(v); break;
+    default: reinterpret_cast<c10::Half*>(row)[i] = c10::Half(v); break;
+  }
+}
+
+// Rows per parallel task: at least ~32k logits of work each.
+inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
+
+FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
+               const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
+               double temperature, int64_t ignore_index, bool want_entropy) {
+  check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
+  auto out = alloc_fwd(logits, want_entropy);
+  auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return out;
+
+  const RowKernels rk = select_row_kernels();
+  const int dt = dtype_code(logits);
+  const int64_t row_bytes = logits.stride(0) * static_cast<int64_t>(logits.element_size());
+  const char* base = static_cast<const char*>(logits.const_data_ptr());
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  const float *old_p = old.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
+  const float* mask_p = mask.const_data_ptr<float>();
+  const float* ref_p = ref.has_value() ? ref->const_data_ptr<float>() : nullptr;
+  float *logp = logp_t.mutable_data_ptr<float>(), *lse = lse_t.mutable_data_ptr<float>();
+  float *loss = loss_t.mutable_data_ptr<float>(), *coef = coef_t.mutable_data_ptr<float>();
+  float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
+  float pr[kNumParams];
+  params_to_float(params, pr);
+  const float T = static_cast<float>(temperature), inv_t = 1.0f / T, b = static_cast<float>(beta);
+
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const char* row = base + n * row_bytes;
+      float l = 0.0f, h = 0.0f;
+      rk.fwd(row, V, dt, inv_t, want_entropy, &l, &h);
+      lse[n] = l;
+      const int64_t y = tgt[n];
+      const bool valid = y != ignore_index;
+      TORCH_CHECK(!valid || (y >= 0 && y < V), "mhpo_kernels_C: target id ", y, " out of range [0, ", V, ")");
+      const float lp = valid ? load_scalar(row, y, dt) / T - l : 0.0f;
+      logp[n] = lp;
+      if (ent != nullptr) ent[n] = valid ? h : 0.0f;
+      TokenOut o{0.0f, 0.0f};
+      if (valid && mask_p[n] != 0.0f) {  // old / adv / ref are read only on active rows
+        o = token_epilogue(static_cast<int>(mode), pr, lp, old_p[n], adv_p[n], ref_p != nullptr,
+                           ref_p != nullptr ? ref_p[n] : 0.0f, b);
+      }
+      loss[n] = o.loss;
+      coef[n] = o.coef;
+    }
+  });
+  return out;
+}
+
+void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
+             const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
+             const Tensor& out) {
+  check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return;
+
+  const RowKernels rk = select_row_kernels();
+  const int dt = dtype_code(logits);
+  const int64_t esz = logits.element_size();
+  const int64_t in_row_bytes = logits.stride(0) * esz, out_row_bytes = out.stride(0) * esz;
+  const char* in_base = static_cast<const char*>(logits.const_data_ptr());
+  char* out_base = static_cast<char*>(out.data_ptr());
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  const float *lse_p = lse.const_data_ptr<float>(), *dl_p = dlogp.const_data_ptr<float>();
+  const bool has_ent = dent.has_value();
+  const float* ent_p = has_ent ? entropy->const_data_ptr<float>() : nullptr;
+  const float* de_p = has_ent ? dent->const_data_ptr<float>() : nullptr;
+  const float inv_t = 1.0f / static_cast<float>(temperature);
+
+  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const char* row = in_base + n * in_row_bytes;
+      char* orow = out_base + n * out_row_bytes;
+      const int64_t y = tgt[n];
+      if (y == ignore_index) {
+        std::memset(orow, 0, V * esz);  // +0.0 in every float format
+        continue;
+      }
+      TORCH_CHECK(y >= 0 && y < V, "mhpo_kernels_C: target id ", y, " out of range [0, ", V, ")");
+      const float zy = load_scalar(row, y, dt);  // read before the row is (maybe) overwritten
+      const float l = lse_p[n], dl = dl_p[n];
+      const float h = has_ent ? ent_p[n] : 0.0f, de = has_ent ? de_p[n] : 0.0f;
+      rk.bwd(row, orow, V, dt, inv_t, l, h, dl, de, has_ent);
+      // the target element gets the one-hot term
+      const float lp = zy * inv_t - l, p = std::exp(lp);
+      float g = dl * (1.0f - p);
+      if (has_ent && p > 0.0f) g -= de * p * (lp + h);
+      store_scalar(orow, y, dt, g * inv_t);
+    }
+  });
+}
+
+// ---- Meta: shapes only (FakeTensor / torch.compile) ----
+FwdOut fwd_meta(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
+                const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
+                double temperature, int64_t ignore_index, bool want_entropy) {
+  check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
+  return alloc_fwd(logits, want_entropy);
+}
+
+void bwd_meta(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
+              const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
+              const Tensor& out) {
+  check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
+}
+
+}  // namespace
+}  // namespace mhpo
+
+TORCH_LIBRARY(mhpo_kernels_C, m) {
+  m.def(
+      "fwd(Tensor logits, Tensor target, Tensor old, Tensor adv, Tensor mask, Tensor? ref, int mode, "
+      "float[] params, float beta, float temperature, int ignore_index, bool want_entropy) "
+      "-> (Tensor logp, Tensor entropy, Tensor lse, Tensor loss, Tensor coef)");
+  m.def(
+      "bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, Tensor dlogp, Tensor? dent, "
+      "float temperature, int ignore_index, Tensor(a!) out) -> ()");
+  m.def("cpu_isa() -> str", &mhpo::cpu_isa);
+}
+
+TORCH_LIBRARY_IMPL(mhpo_kernels_C, CPU, m) {
+  m.impl("fwd", &mhpo::fwd_cpu);
+  m.impl("bwd", &mhpo::bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(mhpo_kernels_C, Meta, m) {
+  m.impl("fwd", &mhpo::fwd_meta);
+  m.impl("bwd", &mhpo::bwd_meta);
+}
+
+MHPO_PY_MODULE(_C_cpu)

@@ -1,0 +1,170 @@
+"""Input validation, dispatch, torch.compile capture and opcheck of the registered ops."""
+import pytest
+import torch
+
+import mhpo_kernels as mk
+from mhpo_kernels import _ops, backends
+
+from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from util import make_case
+
+FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+
+
+def args(V=11, shape=(2, 5), dtype=torch.float32):
+    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=0, device=DEVICE, ref=True)
+    return dict(logits=logits, target_ids=ids, old_logprobs=old, advantages=adv, mask=mask), ref
+
+
+def bad_ids(value):
+    def edit(a):
+        ids = a["target_ids"].clone()
+        ids[1, 3] = value
+        a["target_ids"] = ids
+    return edit
+
+
+BAD = {
+    "id_too_large": (bad_ids(11), ValueError, r"target_ids\[8\].*= 11 is outside \[0, 11\)"),
+    "id_negative": (bad_ids(-1), ValueError, r"target_ids\[8\].*= -1 is outside"),
+    "float_ids": (lambda a: a.update(target_ids=a["target_ids"].float()), TypeError, "target_ids must have a int"),
+    "int_logits": (lambda a: a.update(logits=a["logits"].long()), TypeError, "logits must be float32"),
+    "1d_logits": (lambda a: a.update(logits=a["logits"][0, 0]), ValueError, r"logits must be \[N, V\]"),
+    "ids_shape": (lambda a: a.update(target_ids=a["target_ids"][:, :4]), ValueError, "target_ids has shape"),
+    "old_shape": (lambda a: a.update(old_logprobs=a["old_logprobs"].reshape(-1)), ValueError, "old_logprobs has shape"),
+    "old_int": (lambda a: a.update(old_logprobs=a["old_logprobs"].long()), TypeError, "old_logprobs must have a float"),
+    "adv_shape": (lambda a: a.update(advantages=torch.zeros(3, device=DEVICE)), ValueError, "advantages has shape"),
+    "mask_shape": (lambda a: a.update(mask=a["mask"][:1]), ValueError, "mask has shape"),
+    "not_tensor": (lambda a: a.update(old_logprobs=[0.0] * 10), TypeError, "old_logprobs must be a torch.Tensor"),
+}
+KW_BAD = {
+    "temperature": (dict(temperature=0.0), ValueError, "temperature must be"),
+    "agg": (dict(loss_agg_mode="mean"), ValueError, "loss_agg_mode must be one of"),
+    "backend": (dict(backend="tpu"), ValueError, "backend must be one of"),
+    "ignore_in_range": (dict(ignore_index=3), ValueError, "ignore_index=3 is a valid token id"),
+    "beta_without_ref": (dict(beta=0.1), ValueError, "beta > 0 needs ref_logprobs"),
+    "negative_beta": (dict(beta=-1.0), ValueError, "beta must be"),
+    "config_type": (dict(config=mk.ClipConfig()), TypeError, "config must be an MHPOConfig"),
+}
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: errors must come first."""
+    class Trap:
+        def fwd(self, *a, **k):
+            raise AssertionError("kernel launched")
+        bwd = fwd
+
+    monkeypatch.setattr(backends, "get", lambda name: Trap())
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_inputs(backend, case, no_launch):
+    a, _ = args()
+    edit, exc, msg = BAD[case]
+    edit(a)
+    with pytest.raises(exc, match=msg):
+        mk.mhpo_loss(**a, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("case", list(KW_BAD), ids=list(KW_BAD))
+def test_bad_keywords(backend, case, no_launch):
+    a, _ = args()
+    kw, exc, msg = KW_BAD[case]
+    with pytest.raises(exc, match=msg):
+        mk.mhpo_loss(**a, **{"backend": backend, **kw})
+
+
+def test_config_validation():
+    for bad in [dict(c=0.0), dict(k_pos=-1.0), dict(lam_neg=float("inf")), dict(c="1"), dict(use_lfm=1)]:
+        with pytest.raises(ValueError):
+            mk.MHPOConfig(**bad)
+    with pytest.raises(Exception):
+        mk.MHPOConfig().c = 2.0  # frozen
+    with pytest.raises(ValueError):
+        mk.ClipConfig(eps_low=1.0)
+    with pytest.raises(ValueError):
+        mk.ClipConfig(dual_clip_c=0.9)
+
+
+def test_backend_resolution(monkeypatch):
+    assert mk.available_backends("cpu")[-1] == "torch"
+    with pytest.raises(RuntimeError, match="not available"):
+        backends.resolve("cuda", torch.device("cpu"))
+    monkeypatch.setenv("MHPO_BACKEND", "torch")
+    assert backends.resolve("auto", torch.device("cpu")) == "torch"
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_float64_needs_reference(backend):
+    a, _ = args(dtype=torch.float64)
+    with pytest.raises(TypeError, match="use backend='torch' for float64"):
+        mk.mhpo_loss(**a, backend=backend)
+
+
+def test_advantages_per_sequence_broadcast():
+    a, _ = args()
+    per_seq = torch.tensor([0.5, -1.5], device=DEVICE)
+    full = mk.mhpo_loss(**{**a, "advantages": per_seq[:, None].expand(2, 5)}, backend="torch")
+    bcast = mk.mhpo_loss(**{**a, "advantages": per_seq}, backend="torch")
+    assert torch.equal(full.loss, bcast.loss)
+
+
+@pytest.fixture
+def no_poison(monkeypatch):
+    monkeypatch.undo()  # torch.compile traces torch.empty; give it the real one
+
+
+@pytest.mark.parametrize("backend", FUSED + ["auto"])
+def test_compile_fullgraph_matches_eager(backend, no_poison):
+    torch._dynamo.reset()
+    a, ref = args(V=37, shape=(3, 7))
+    logits = a.pop("logits")
+
+    def f(z):
+        out = mk.mhpo_loss(z, **a, ref_logprobs=ref, beta=0.05, return_entropy=True, backend=backend,
+                           loss_agg_mode="seq-mean-token-mean", temperature=0.8)
+        return out.loss + 0.01 * out.entropy.sum(), out.metrics["survival_mean"]
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        loss, surv = fn(z)
+        loss.backward()
+        results.append((loss.detach(), surv, z.grad))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert_close(l1, l0, *SCALAR_TOL, "loss")
+    assert_close(s1, s0, *SCALAR_TOL, "metric")
+    assert_close(g1, g0, *TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_compile_inplace_backward_falls_back(backend, no_poison):
+    torch._dynamo.reset()
+    a, _ = args(V=37, shape=(3, 7))
+    logits = a.pop("logits")
+    f = torch.compile(lambda z: mk.mhpo_loss(z, **a, backend=backend, inplace_backward=True).loss, fullgraph=True)
+    z = logits.clone().requires_grad_()
+    h = z * 1.0
+    f(h).backward()
+    want = logits.clone().requires_grad_()
+    mk.mhpo_loss(want, **a, backend="torch").loss.backward()
+    assert_close(z.grad, want.grad, *TOL[torch.float32], "grad")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_opcheck(backend, no_poison):
+    logits, ids, old, adv, mask, ref = make_case((9,), 23, torch.float32, seed=1, device=DEVICE)
+    cfg = mk.MHPOConfig()
+    logits.requires_grad_()
+    fwd_args = (logits, ids, old, adv, mask, ref, cfg.kernel_mode, list(cfg.kernel_params()), 0.1, 0.9, -100,
+                True, False, backend)
+    torch.library.opcheck(_ops.fused_fwd, fwd_args)
+    logp, ent, lse, loss, coef = (t.detach() for t in _ops.fused_fwd(*fwd_args))
+    bwd_args = (logits.detach(), ids, lse, ent, torch.randn(9, device=DEVICE), torch.randn(9, device=DEVICE), 0.9,
+                -100, backend)
+    torch.library.opcheck(_ops.fused_bwd, bwd_args)
+    torch.library.opcheck(_ops.fused_bwd_, (logits.detach().clone(),) + bwd_args[1:])
