@@ -10,7 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "KERNEL_PARAMS", "MODE_NONE", "MODE_MHPO", "MODE_CLIP", "MODE_SAPO"]
+__all__ = [
+    "MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "RATIO_CONTROLS", "IS_LEVELS", "resolve_ratio_control",
+    "KERNEL_PARAMS", "MODE_NONE", "MODE_MHPO", "MODE_CLIP", "MODE_SAPO",
+]
 
 # Epilogue ids shared by every backend (triton_kernels, csrc). Keep in sync.
 MODE_NONE = 0  # log-probs (and entropy) only, no per-token loss
@@ -21,6 +24,9 @@ KERNEL_PARAMS = 8  # length of every kernel_params() tuple
 
 # exp(20) ~ 4.85e8: the log-ratio clamp verl applies in its clip loss.
 CLIP_LOG_RATIO_LIMIT = 20.0
+# verl's compute_policy_loss_gspo clamps the sequence log-ratio at max=10 (no lower clamp).
+GSPO_LOG_RATIO_LIMIT = 10.0
+IS_LEVELS = ("token", "sequence")  # importance_sampling_level, TRL's name
 
 
 def _positive(name: str, value: float) -> None:
@@ -118,3 +124,56 @@ class SAPOConfig:
     def kernel_params(self) -> tuple:
         """(tau_pos, tau_neg)."""
         return _pad((self.tau_pos, self.tau_neg))
+
+
+@dataclass(frozen=True)
+class GSPOConfig:
+    """GSPO (Zheng et al., arXiv 2507.18071): PPO clip of the sequence-level ratio.
+
+    ``s_i = exp(sum_t m_t delta_t / sum_t m_t)`` over the masked tokens of
+    sequence i; every token of sequence i gets
+    ``loss_t = max(-s_i*A_t, -clip(s_i, 1-eps_low, 1+eps_high)*A_t)``.
+    Defaults 3e-4 / 4e-4 are the paper's. Follows verl's
+    ``compute_policy_loss_gspo``: the log-ratio is clamped at ``max=10`` and the
+    gradient uses the token-level form ``s_i,t = sg(s_i) * exp(logp_t - sg(logp_t))``
+    (for a 0/1 mask this is also the gradient of the paper and of TRL's
+    ``importance_sampling_level="sequence"``). verl aggregates GSPO with
+    ``loss_agg_mode="seq-mean-token-mean"``; pass it to match.
+    Always sequence-level: there is no per-token epilogue (``MODE_NONE`` pass
+    over the logits, then the O(N) sequence step).
+    """
+
+    eps_low: float = 3e-4
+    eps_high: float = 4e-4
+
+    def __post_init__(self):
+        _positive("eps_low", self.eps_low)
+        _positive("eps_high", self.eps_high)
+        if self.eps_low >= 1:
+            raise ValueError(f"eps_low must be < 1, got {self.eps_low}")
+
+    kernel_mode = MODE_NONE
+
+    def kernel_params(self) -> tuple:
+        """(eps_low, eps_high); unused by the kernels (GSPO has no per-token epilogue)."""
+        return _pad((self.eps_low, self.eps_high))
+
+
+RATIO_CONTROLS = (MHPOConfig, ClipConfig, SAPOConfig, GSPOConfig)
+
+
+def resolve_ratio_control(ratio_control, importance_sampling_level):
+    """Validated ``(config, level)``: None means ``MHPOConfig()``; level None means
+    "sequence" for :class:`GSPOConfig` and "token" for the others."""
+    cfg = MHPOConfig() if ratio_control is None else ratio_control
+    if not isinstance(cfg, RATIO_CONTROLS):
+        names = ", ".join(c.__name__ for c in RATIO_CONTROLS)
+        raise TypeError(f"ratio_control must be one of {names}, got {type(cfg).__name__}")
+    level = importance_sampling_level
+    if level is None:
+        level = "sequence" if isinstance(cfg, GSPOConfig) else "token"
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
+    if isinstance(cfg, GSPOConfig) and level != "sequence":
+        raise ValueError("GSPOConfig is sequence-level by definition; use ClipConfig for a token-level clip")
+    return cfg, level

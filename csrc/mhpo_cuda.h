@@ -1,0 +1,44 @@
+// Launchers of the CUDA kernels (mhpo_cuda.cu). Plain pointers and a stream:
+// the .cu file includes no torch header, which keeps nvcc fast; the ATen glue
+// (checks, allocation, current stream) is mhpo_cuda_ops.cpp.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace mhpo::cuda {
+
+struct FwdArgs {
+  const void* logits;  // [N, V], dtype 0 = fp32, 1 = bf16, 2 = fp16
+  int64_t row_stride;  // elements
+  int64_t N;
+  int32_t V;
+  int32_t dtype;
+  const int64_t* target;
+  const float *old, *adv, *mask, *ref;  // ref may be null
+  float *logp, *entropy, *lse, *loss, *coef;  // entropy null when not wanted
+  int32_t mode;
+  float params[8];
+  float beta, temperature;
+  int64_t ignore_index;
+};
+
+struct BwdArgs {
+  const void* logits;
+  void* out;  // may equal logits
+  int64_t row_stride, out_row_stride;
+  int64_t N;
+  int32_t V;
+  int32_t dtype;
+  const int64_t* target;
+  const float *lse, *entropy, *dlogp, *dent;  // entropy / dent null: no entropy term
+  float temperature;
+  int64_t ignore_index;
+};
+
+// Both return the launch's cudaGetLastError().
+cudaError_t launch_fwd(const FwdArgs& a, cudaStream_t stream, int num_sms);
+cudaError_t launch_bwd(const BwdArgs& a, cudaStream_t stream, int num_sms);
+
+}  // namespace mhpo::cuda
