@@ -6,7 +6,7 @@ buffer. Per-row inputs are contiguous ``[N]`` tensors on the logits' device;
 ``ignore_index``). All math is float32.
 
 ``fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature,
-ignore_index, want_entropy) -> (logp, entropy, lse, loss, coef)``
+ignore_index, want_entropy, vocab_start=0) -> (logp, entropy, lse, loss, coef)``
 
 * logits: [N, V] float32 / bfloat16 / float16, ``stride(1) == 1``, any row stride.
 * old, adv, mask: [N] float32; ``ref``: [N] float32 or None (no KL term).
@@ -22,7 +22,7 @@ ignore_index, want_entropy) -> (logp, entropy, lse, loss, coef)``
   on inactive rows (never read old / adv / ref there: padding may hold inf/NaN).
   MODE_NONE leaves loss and coef at 0.
 
-``bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out)``
+``bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0)``
 
 * writes ``out[n, v] = (dlogp[n] * (1[v == y] - p) - dent[n] * p * (log p + H[n])) / T``
   with ``p = exp(x - lse)``, ``log p = x - lse``, ``H = entropy``; ``p * log p``
@@ -30,6 +30,13 @@ ignore_index, want_entropy) -> (logp, entropy, lse, loss, coef)``
 * ``dent`` / ``entropy`` may be None (no entropy term). ``out`` is [N, V] in
   the logits dtype and may be ``logits`` itself (in-place backward: each element
   is read before it is written, by the same program).
+
+``vocab_start`` (vocabulary-parallel shards, ``mhpo_kernels.distributed``): the
+buffer holds vocabulary ids ``[vocab_start, vocab_start + V)``; target ids are
+global. In ``fwd``, ``logp`` is the shard-local ``x[y - vocab_start] - lse`` for
+targets in the shard and 0 otherwise (lse and entropy are shard-local; MODE_NONE).
+In ``bwd``, the one-hot term applies only at ``y - vocab_start`` inside the
+shard, and ``lse`` / ``entropy`` passed in are the global ones.
 
 The reference (``"torch"``) is not a fused backend: it is plain autograd.
 """

@@ -48,7 +48,7 @@ def _signature(fn, dtype, constexprs):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
             sig[name] = "i64"
-        elif name in ("V", "ignore_index"):
+        elif name in ("V", "ignore_index", "vocab_start"):
             sig[name] = "i32"
         else:
             sig[name] = "fp32"

@@ -27,7 +27,7 @@ def _k3(d, ed):
 def _fwd_kernel(
     logits_ptr, stride_n, target_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
     logp_ptr, ent_ptr, lse_ptr, loss_ptr, coef_ptr,
-    V, T, ignore_index, beta,
+    V, vocab_start, T, ignore_index, beta,
     p0, p1, p2, p3, p4, p5, p6,
     MODE: tl.constexpr, HAS_REF: tl.constexpr, WANT_ENT: tl.constexpr,
     BLOCK_V: tl.constexpr, LIMIT: tl.constexpr,
@@ -57,8 +57,11 @@ def _fwd_kernel(
 
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
-    x_y = tl.load(row_ptr + tl.where(valid, y, 0)).to(tl.float32) / T
-    logp = tl.where(valid, x_y - lse, 0.0)
+    # a vocabulary shard holds ids [vocab_start, vocab_start + V); logp is the shard-local one
+    y_loc = y - vocab_start
+    owned = valid & (y_loc >= 0) & (y_loc < V)
+    x_y = tl.load(row_ptr + tl.where(owned, y_loc, 0)).to(tl.float32) / T
+    logp = tl.where(owned, x_y - lse, 0.0)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
     if WANT_ENT:
@@ -87,7 +90,7 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_kernel(
     logits_ptr, stride_n, out_ptr, stride_out, target_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
-    V, T, ignore_index,
+    V, vocab_start, T, ignore_index,
     HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -95,6 +98,7 @@ def _bwd_kernel(
     out_row = out_ptr + row * stride_out
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
+    y_loc = y - vocab_start  # never equal to a column when the target is in another shard
     lse = tl.load(lse_ptr + row)
     g = tl.load(dlogp_ptr + row)
     if HAS_DENT:
@@ -107,7 +111,7 @@ def _bwd_kernel(
         logp = tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32) / T - lse
         p = tl.exp(logp)
         # d logp_y / dx = onehot - p ;  d H / dx = -p (log p + H)
-        grad = tl.where(cols == y, g, 0.0) - g * p
+        grad = tl.where(cols == y_loc, g, 0.0) - g * p
         if HAS_DENT:
             grad -= ge * p * tl.where(p > 0.0, logp + H, 0.0)
         grad = tl.where(valid, grad / T, 0.0)
@@ -126,7 +130,8 @@ def num_warps(block: int) -> int:
     return 8 if block >= 2048 else 4 if block >= 512 else 2
 
 
-def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy):
+def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy,
+        vocab_start=0):
     N, V = logits.shape
     dev = logits.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -142,7 +147,7 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
     _fwd_kernel[(N,)](
         logits, logits.stride(0), target, old, adv, mask, ref if ref is not None else old,
         logp, entropy if want_entropy else logp, lse, loss, coef,
-        V, float(temperature), int(ignore_index), float(beta),
+        V, int(vocab_start), float(temperature), int(ignore_index), float(beta),
         *[float(p) for p in params[:7]],
         MODE=int(mode), HAS_REF=ref is not None, WANT_ENT=bool(want_entropy),
         BLOCK_V=block, LIMIT=CLIP_LOG_RATIO_LIMIT, num_warps=num_warps(block),
@@ -150,7 +155,7 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
     return logp, entropy, lse, loss, coef
 
 
-def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out):
+def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
     N, V = logits.shape
     if N == 0:
         return
@@ -159,6 +164,6 @@ def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, ou
     _bwd_kernel[(N,)](
         logits, logits.stride(0), out, out.stride(0), target, lse,
         entropy if has_dent else lse, dlogp, dent if has_dent else dlogp,
-        V, float(temperature), int(ignore_index),
+        V, int(vocab_start), float(temperature), int(ignore_index),
         HAS_DENT=has_dent, BLOCK_V=block, num_warps=num_warps(block),
     )

@@ -1,0 +1,146 @@
+"""Vocabulary-parallel log-probs: logits (or the lm_head) sharded along V across ranks.
+
+Rank ``r`` holds vocabulary ids ``[start_r, start_r + V_r)`` of every token row.
+By default ``start_r`` is the sum of ``V_q`` over ranks ``q < r`` (so an even
+split is ``rank * V_local``); pass ``vocab_start_index`` for any other tiling.
+Each rank runs the single-device fused kernels on its shard (with
+``vocab_start``), and only O(N) fp32 statistics cross the wire:
+
+1. ``all_reduce(MAX)`` of the shard log-sum-exps ``lse_r``  -> ``M``
+2. ``all_reduce(SUM)`` of ``[exp(lse_r - M), x_y (owner only), exp(lse_r - M) * E_r[x]]``
+   -> ``lse = M + log(sum)``, ``logp = x_y - lse``, ``H = lse - E[x]``.
+
+Every rank then holds identical log-probs, entropy and loss. The backward needs
+no communication: each shard's gradient uses the global ``lse`` and ``H``.
+Collectives are issued the same number of times on every rank (no data-dependent
+branches); the layout check before them is one all-gather of 3 integers per rank.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import backends
+from ._inputs import check_target_ids
+from .config import KERNEL_PARAMS, MODE_NONE
+
+
+class _TorchShard:
+    """The backend contract (MODE_NONE, vocab_start) in plain PyTorch, for backend="torch"."""
+
+    @staticmethod
+    def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy,
+            vocab_start=0):
+        z = logits.float() / temperature
+        N, V = z.shape
+        lse = torch.logsumexp(z, -1) if V else z.new_full((N,), float("-inf"))
+        y = target - vocab_start
+        owned = (target != ignore_index) & (y >= 0) & (y < V)
+        logp = torch.where(owned, z.gather(1, torch.where(owned, y, 0)[:, None])[:, 0] - lse, 0.0)
+        entropy = z.new_empty(0)
+        if want_entropy:
+            logp_all = z - lse[:, None]
+            p = logp_all.exp()
+            entropy = torch.where(target != ignore_index, -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1), 0.0)
+        return logp, entropy, lse, torch.zeros_like(lse), torch.zeros_like(lse)
+
+    @staticmethod
+    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
+        logp_all = logits.float() / temperature - lse[:, None]
+        p = logp_all.exp()
+        cols = torch.arange(logits.shape[1], device=logits.device) + vocab_start
+        grad = (cols[None, :] == target[:, None]).float() * dlogp[:, None] - dlogp[:, None] * p
+        if dent is not None:
+            grad = grad - dent[:, None] * p * torch.where(p > 0, logp_all + entropy[:, None], 0.0)
+        grad = torch.where((target != ignore_index)[:, None], grad / temperature, 0.0)
+        out.copy_(grad)
+        return out
+
+
+def _kernels(backend: str):
+    return _TorchShard if backend == "torch" else backends.get(backend)
+
+
+def shard_layout(V_local: int, N: int, group, vocab_start_index=None):
+    """(vocab_start, V_total) of this rank, checked across the group before any O(N) collective.
+
+    Raises ValueError when the shards do not tile [0, V_total) or N differs across ranks.
+    """
+    world = dist.get_world_size(group)
+    mine = torch.tensor([V_local, -1 if vocab_start_index is None else int(vocab_start_index), N],
+                        dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(everyone, mine, group=group)
+    sizes = [int(t[0]) for t in everyone]
+    starts = [int(t[1]) for t in everyone]
+    counts = [int(t[2]) for t in everyone]
+    if len(set(counts)) != 1:
+        raise ValueError(f"vocabulary-parallel ranks hold different token counts N: {counts}")
+    if all(s == -1 for s in starts):
+        starts = [sum(sizes[:r]) for r in range(world)]
+    elif any(s == -1 for s in starts):
+        raise ValueError("vocab_start_index must be given on every rank or on none")
+    order = sorted(range(world), key=lambda r: starts[r])
+    pos = 0
+    for r in order:
+        if starts[r] != pos or sizes[r] < 1:
+            raise ValueError(
+                f"vocabulary shards do not tile [0, V): rank {r} holds [{starts[r]}, {starts[r] + sizes[r]}) "
+                f"(all ranks: {[(s, s + v) for s, v in zip(starts, sizes)]})"
+            )
+        pos += sizes[r]
+    return starts[dist.get_rank(group)], pos
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, temperature, ignore_index, want_entropy, backend, group, start):
+        k = _kernels(backend)
+        N = logits.shape[0]
+        dummy = torch.zeros(N, device=logits.device, dtype=torch.float32)
+        logp_l, ent_l, lse_l, _, _ = k.fwd(logits, target, dummy, dummy, dummy, None, MODE_NONE,
+                                           [0.0] * KERNEL_PARAMS, 0.0, temperature, ignore_index, want_entropy,
+                                           vocab_start=start)
+        valid = target != ignore_index
+        owned = valid & (target >= start) & (target < start + logits.shape[1])
+        M = lse_l.clone()
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(lse_l - M)
+        parts = [e, torch.where(owned, logp_l + lse_l, 0.0)]  # x_y / T, on the owning rank only
+        if want_entropy:
+            parts.append(e * (lse_l - ent_l))  # exp(lse_r - M) * E_r[x]
+        stats = torch.stack(parts)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        lse = M + torch.log(stats[0])
+        logp = torch.where(valid, stats[1] - lse, 0.0)
+        entropy = torch.where(valid, lse - stats[2] / stats[0], 0.0) if want_entropy else lse.new_empty(0)
+        ctx.save_for_backward(logits, target, lse, entropy)
+        ctx.args = (temperature, ignore_index, want_entropy, backend, start)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, target, lse, entropy = ctx.saved_tensors
+        temperature, ignore_index, want_entropy, backend, start = ctx.args
+        dlogp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
+        dent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
+        grad = torch.empty_like(logits)
+        _kernels(backend).bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent,
+                              temperature, ignore_index, grad, vocab_start=start)
+        return grad, None, None, None, None, None, None, None
+
+
+def vocab_parallel_logprobs(logits2d, target, *, group, temperature=1.0, ignore_index=-100,
+                            return_entropy=False, backend="auto", vocab_start_index=None):
+    """Global per-token log-probs (and entropy) from a vocabulary shard ``[N, V_local]``.
+
+    ``target`` holds global ids. Differentiable w.r.t. the shard. Returns
+    ``(logp [N], entropy [N] or None, vocab_start, V_total)``.
+    """
+    name = backends.resolve(backend, logits2d.device)
+    start, V_total = shard_layout(logits2d.shape[1], logits2d.shape[0], group, vocab_start_index)
+    if not torch.compiler.is_compiling():
+        check_target_ids(target, V_total, ignore_index)
+    logp, entropy = _VocabParallelLogprobs.apply(logits2d, target, float(temperature), int(ignore_index),
+                                                 bool(return_entropy), name, group, start)
+    return logp, (entropy if return_entropy else None), start, V_total

@@ -1,0 +1,109 @@
+"""Vocabulary-parallel log-probs over gloo: 1, 2 and 3 CPU ranks against the single-process result."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mhpo_kernels as mk
+from mhpo_kernels.distributed import vocab_parallel_logprobs
+
+from conftest import TOL, assert_close
+
+BACKENDS = [b for b in mk.available_backends("cpu") if b != "cpu"]  # TODO native vocab_start
+N, V = 13, 101
+
+
+def full_case(seed, n=N, v=V):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(n, v, generator=g) * 2
+    ids = torch.randint(0, v, (n,), generator=g)
+    ids[3] = -100
+    g_logp, g_ent = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    return logits, ids, g_logp, g_ent
+
+
+def expected(logits, ids, g_logp, g_ent, T):
+    z = logits.double().requires_grad_()
+    ls = torch.log_softmax(z / T, -1)
+    valid = ids != -100
+    logp = torch.where(valid, ls.gather(1, ids.clamp(min=0)[:, None])[:, 0], 0.0)
+    ent = torch.where(valid, -(ls.exp() * ls).sum(-1), 0.0)
+    ((logp * g_logp.double()).sum() + (ent * g_ent.double()).sum()).backward()
+    return logp.detach(), ent.detach(), z.grad
+
+
+def _check_layout(rank, backend, sizes, starts, seed, sent):
+    """Shard the full case as ``sizes`` / ``starts`` and compare against the full-logits result."""
+    v_total = sum(sizes)
+    logits, ids, g_logp, g_ent = full_case(seed, v=v_total)
+    lo = starts[rank] if starts else sum(sizes[:rank])
+    shard = logits[:, lo:lo + sizes[rank]].clone().requires_grad_()
+    sent.clear()
+    logp, ent, start, vt = vocab_parallel_logprobs(shard, ids, group=None, temperature=0.7, return_entropy=True,
+                                                   backend=backend,
+                                                   vocab_start_index=starts[rank] if starts else None)
+    assert (start, vt) == (lo, v_total)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    w_logp, w_ent, w_grad = expected(logits, ids, g_logp, g_ent, 0.7)
+    where = f"{backend} sizes={sizes} starts={starts} rank {rank}"
+    assert_close(logp, w_logp, 2e-6, 2e-6, f"logp {where}")
+    assert_close(ent, w_ent, 2e-6, 2e-6, f"entropy {where}")
+    assert_close(shard.grad, w_grad[:, lo:lo + sizes[rank]], *TOL[torch.float32], f"grad {where}")
+    return sum(sent)
+
+
+def _check_bad(rank, case):
+    n = N + (rank if case == "n_mismatch" else 0)
+    logits, ids, _, _ = full_case(0, n=n)
+    starts = {"gap": [0, 60], "overlap": [0, 40], "n_mismatch": None}[case]
+    msg = {"gap": "do not tile", "overlap": "do not tile", "n_mismatch": "different token counts"}[case]
+    try:
+        vocab_parallel_logprobs(logits[:, :50], ids, group=None, backend="torch",
+                                vocab_start_index=starts[rank] if starts else None)
+    except ValueError as e:
+        assert msg in str(e), str(e)
+    else:
+        raise AssertionError(f"{case}: no error on rank {rank}")
+
+
+# Layouts per world size: (sizes, explicit starts or None). Spawning ranks is
+# the slow part, so each world size runs every layout and backend in one group.
+LAYOUTS = {
+    1: [([V], None)],
+    2: [([50, 51], None), ([60, 41], [41, 0])],
+    3: [([30, 40, 31], None), ([30, 40, 31], [71, 0, 40])],  # uneven; explicit, not in rank order
+}
+
+
+def _worker(rank, world, init_file, backends_):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sent = []
+        real = dist.all_reduce
+
+        def counting(t, *a, **k):
+            sent.append(t.numel() * t.element_size())
+            return real(t, *a, **k)
+
+        dist.all_reduce = counting
+        for backend in backends_:
+            for sizes, starts in LAYOUTS[world]:
+                _check_layout(rank, backend, sizes, starts, 0, sent)
+        if world == 2:
+            # O(N) communication: the same bytes for a 10x larger vocabulary
+            small = _check_layout(rank, "torch", [32, 32], None, 1, sent)
+            large = _check_layout(rank, "torch", [320, 320], None, 1, sent)
+            assert small == large == (1 + 3) * N * 4, (small, large)  # lse max, then [3, N] fp32 sums
+            for case in ("gap", "overlap", "n_mismatch"):
+                _check_bad(rank, case)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", sorted(LAYOUTS))
+def test_vocab_parallel_matches_single_process(world):
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(world, os.path.join(d, "init"), BACKENDS), nprocs=world, join=True)
