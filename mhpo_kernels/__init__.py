@@ -7,8 +7,10 @@
 from . import reference
 from ._inputs import MHPOOutput
 from .backends import available_backends
-from .config import ClipConfig, MHPOConfig, SAPOConfig
+from .config import ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
 from .loss import mhpo_loss
+from .policy import policy_loss, policy_loss_from_logprobs, token_logprobs
 
 __version__ = "0.1.0"
-__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "MHPOOutput", "mhpo_loss", "available_backends", "reference"]
+__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "MHPOOutput", "mhpo_loss", "available_backends", "reference",
+           "GSPOConfig", "policy_loss", "policy_loss_from_logprobs", "token_logprobs"]

@@ -60,7 +60,8 @@ def fused_policy_loss(
         if x.ref is not None:
             d = torch.where(active, x.ref - logp, zero)
             kl = torch.expm1(d) - d  # k3, accurate near d = 0
-    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl)
+    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl,
+                             adv=torch.where(active, x.adv, zero))
     return MHPOOutput(
         loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics
     )

@@ -3,19 +3,38 @@ from __future__ import annotations
 
 import torch
 
-from .config import CLIP_LOG_RATIO_LIMIT, ClipConfig, MHPOConfig
+from .config import CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig
 
 
 def _mean(x, active, n):
     return torch.where(active, x, torch.zeros_like(x)).sum() / n
 
 
+def _clip_fractions(r, cfg, adv, active, n):
+    low, high = r < 1 - cfg.eps_low, r > 1 + cfg.eps_high
+    if adv is not None:
+        low, high = low & (adv < 0), high & (adv > 0)
+    low, high = low.float(), high.float()
+    return {"clipfrac_low": _mean(low, active, n), "clipfrac_high": _mean(high, active, n),
+            "clipfrac": _mean(low + high, active, n)}
+
+
 @torch.no_grad()
-def policy_metrics(cfg, delta, active, entropy=None, kl=None) -> dict:
-    """delta: [N] log-ratios (0 where inactive); active: [N] bool.
+def policy_metrics(cfg, delta, active, entropy=None, kl=None, adv=None) -> dict:
+    """delta: [N] log-ratios (0 where inactive); active: [N] bool; adv: [N] or None.
 
     Means are over active tokens (0 when there are none); ratio_max / ratio_min
     are exp of the extreme log-ratios (1.0 when there are no active tokens).
+    For sequence-level importance sampling, ``delta`` is each token's sequence
+    log-ratio, so every ratio metric is about the sequence ratios.
+
+    Clip modes (TRL's ``clip_ratio/low_mean``, ``high_mean``, ``region_mean``):
+    ``clipfrac_low`` counts tokens with ``r < 1 - eps_low`` and ``A < 0``,
+    ``clipfrac_high`` those with ``r > 1 + eps_high`` and ``A > 0`` (where the
+    clip is active and the token's gradient is cut), ``clipfrac`` either; without
+    ``adv`` the sign condition is dropped. With ``dual_clip_c`` and ``adv``,
+    ``dual_clipfrac`` is verl's ``pg_clipfrac_lower`` (A < 0 tokens whose loss
+    is capped at ``-dual_clip_c * A``).
     """
     from .reference import dhp, lfm  # the reference's own formulas
 
@@ -38,10 +57,15 @@ def policy_metrics(cfg, delta, active, entropy=None, kl=None) -> dict:
         out["low_survival_frac"] = _mean((survival < 0.5).float(), active, n)
     elif isinstance(cfg, ClipConfig):
         r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
-        low, high = (r < 1 - cfg.eps_low).float(), (r > 1 + cfg.eps_high).float()
-        out["clipfrac_low"] = _mean(low, active, n)
-        out["clipfrac_high"] = _mean(high, active, n)
-        out["clipfrac"] = _mean(low + high, active, n)
+        out.update(_clip_fractions(r, cfg, adv, active, n))
+        if cfg.dual_clip_c is not None and adv is not None:
+            adv = adv.detach().float()
+            unclipped = r if cfg.delta is None else r.clamp(max=cfg.delta)
+            loss = torch.maximum(-unclipped * adv, -r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
+            out["dual_clipfrac"] = _mean(((adv < 0) & (loss > -cfg.dual_clip_c * adv)).float(), active, n)
+    elif isinstance(cfg, GSPOConfig):
+        r = torch.exp(delta.clamp(max=GSPO_LOG_RATIO_LIMIT))
+        out.update(_clip_fractions(r, cfg, adv, active, n))
     if entropy is not None:
         out["entropy_mean"] = _mean(entropy.detach().float(), active, n)
     if kl is not None:

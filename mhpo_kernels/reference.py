@@ -11,10 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import MHPOOutput, check_target_ids, prepare, safe_div
-from .config import CLIP_LOG_RATIO_LIMIT, ClipConfig, MHPOConfig, SAPOConfig
+from .config import (
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig, resolve_ratio_control,
+)
 from .metrics import policy_metrics
 
-__all__ = ["mhpo_loss", "token_logprobs_entropy", "lfm", "dhp", "token_loss", "aggregate"]
+__all__ = [
+    "mhpo_loss", "token_logprobs_entropy", "lfm", "dhp", "token_loss", "aggregate",
+    "policy_loss", "policy_loss_from_logprobs", "token_logprobs", "gspo_token_loss", "sequence_token_loss",
+    "sequence_log_ratio", "check_cu_seqlens",
+]
 
 
 def token_logprobs_entropy(logits2d, target, temperature, ignore_index, dtype=torch.float32):
@@ -58,7 +64,7 @@ def token_loss(delta, adv, cfg):
     if isinstance(cfg, SAPOConfig):
         # r is capped at exp(20), where sigmoid(tau*(r-1)) is already 1 in fp32
         ratio = torch.exp(delta.clamp(max=CLIP_LOG_RATIO_LIMIT))
-        tau = torch.where(adv > 0, cfg.tau_pos, cfg.tau_neg)
+        tau = torch.full_like(adv, cfg.tau_neg).masked_fill(adv > 0, cfg.tau_pos)
         return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
     raise TypeError(f"unsupported ratio control {type(cfg).__name__}")
 
@@ -104,7 +110,7 @@ def policy_loss_reference(
         L = L + beta * kl
 
     loss = aggregate(L.reshape(x.seq_shape), x.mask.reshape(x.seq_shape), loss_agg_mode)
-    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl)
+    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl, adv=adv)
     return MHPOOutput(
         loss,
         logp.detach().reshape(x.shape),
@@ -129,4 +135,194 @@ def mhpo_loss(
         logits, target_ids, old_logprobs, advantages, mask, ratio_control=config,
         temperature=temperature, loss_agg_mode=loss_agg_mode, ignore_index=ignore_index,
         ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The general policy loss (issue 4): every ratio control, token- or
+# sequence-level importance sampling, packed input. Plain autograd over a
+# padded [B, T] layout; packed input is padded first (the fused path never pads).
+
+
+def check_cu_seqlens(cu_seqlens, N, device):
+    """Validate packed-sequence offsets ``[S+1]`` (flash-attn varlen / verl remove-padding).
+
+    Static checks always; the data checks (starts at 0, ends at N, monotone)
+    read the tensor and are skipped under ``torch.compile``.
+    """
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D [S+1] tensor of offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but logits are on {device}")
+    if torch.compiler.is_compiling():
+        return
+    cu = cu_seqlens.long()
+    decreasing = cu.diff() < 0
+    first, last, n_bad = torch.stack([cu[0], cu[-1], decreasing.sum()]).tolist()  # one sync
+    if first != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {first}")
+    if n_bad:
+        i = int(decreasing.nonzero()[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}]={int(cu[i + 1])} < cu_seqlens[{i}]={int(cu[i])}"
+        )
+    if last != N:
+        raise ValueError(f"cu_seqlens[-1] must be the token count N={N}, got {last}")
+
+
+def _pad_index(cu_seqlens):
+    """idx [S, T_max] with the flat token index of each padded position, -1 for padding."""
+    lengths = cu_seqlens.long().diff().tolist()
+    S, T_max = len(lengths), max(lengths, default=0)
+    idx = torch.full((S, T_max), -1, dtype=torch.long, device=cu_seqlens.device)
+    for s, (start, n) in enumerate(zip(cu_seqlens.long().tolist(), lengths)):
+        idx[s, :n] = torch.arange(start, start + n, device=cu_seqlens.device)
+    return idx
+
+
+def _to_padded(x, idx, fill=0.0):
+    """[N] -> [S, T_max] (padding = fill), differentiable."""
+    if x is None:
+        return None
+    return torch.where(idx >= 0, x[idx.clamp(min=0)], fill)
+
+
+def sequence_log_ratio(delta, m):
+    """delta_i = sum_t m delta / sum_t m over [B, T] (0 for a fully masked sequence)."""
+    return safe_div((m * delta).sum(-1), m.sum(-1))
+
+
+def gspo_token_loss(logp, old, adv, m, cfg: GSPOConfig):
+    """GSPO, verl's compute_policy_loss_gspo, over [B, T]:
+    log s_i,t = sg(log s_i) + logp_t - sg(logp_t), clamped at max=10;
+    loss_t = max(-A s_i,t, -A clip(s_i,t, 1 - eps_low, 1 + eps_high))."""
+    active = m != 0
+    zero = torch.zeros_like(old)
+    delta = torch.where(active, logp.detach() - old, zero)
+    log_s = sequence_log_ratio(delta, m)[:, None]
+    log_st = (torch.where(active, logp - logp.detach(), zero) + log_s).clamp(max=GSPO_LOG_RATIO_LIMIT)
+    s = torch.exp(log_st)
+    return torch.maximum(-adv * s, -adv * s.clamp(1 - cfg.eps_low, 1 + cfg.eps_high))
+
+
+def sequence_token_loss(logp, old, adv, m, cfg):
+    """Sequence-level importance sampling for a token-level ratio control over [B, T]:
+    delta_i,t = sg(delta_i) + logp_t - sg(logp_t) (value: the sequence log-ratio;
+    gradient: each token through its own log-prob), then the token surrogate."""
+    active = m != 0
+    zero = torch.zeros_like(old)
+    delta = torch.where(active, logp.detach() - old, zero)
+    seq = sequence_log_ratio(delta, m)[:, None]
+    return token_loss(torch.where(active, logp - logp.detach() + seq, zero), adv, cfg)
+
+
+def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, entropy):
+    """Loss and metrics over [B, T]; logp differentiable, the rest detached."""
+    active = m != 0
+    zero = torch.zeros_like(old)
+    delta = torch.where(active, logp - old, zero)
+    adv = torch.where(active, adv, zero)
+    if level == "sequence":
+        L = (gspo_token_loss if isinstance(cfg, GSPOConfig) else sequence_token_loss)(logp, old, adv, m, cfg)
+        metric_delta = torch.where(active, sequence_log_ratio(delta.detach(), m)[:, None], zero)
+    else:
+        L = token_loss(delta, adv, cfg)
+        metric_delta = delta
+    kl = None
+    if ref is not None:
+        d = torch.where(active, ref - logp, zero)
+        kl = torch.exp(d) - d - 1  # k3 estimator
+        L = L + beta * kl
+    loss = aggregate(L, m, loss_agg_mode)
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    metrics = policy_metrics(cfg, flat(metric_delta), flat(active), flat(entropy), flat(kl), adv=flat(adv))
+    return loss, metrics
+
+
+def _policy_loss_flat(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, seq_shape, cu_seqlens, entropy):
+    """Flat [N] per-token tensors -> loss, metrics, through the padded [B, T] form."""
+    if cu_seqlens is None:
+        pad = lambda t: None if t is None else t.reshape(seq_shape)  # noqa: E731
+    else:
+        idx = _pad_index(cu_seqlens)
+        pad = lambda t: _to_padded(t, idx)  # noqa: E731
+    return _policy_loss_padded(
+        pad(logp), pad(old), pad(adv), pad(m), pad(ref), beta, cfg, level, loss_agg_mode, pad(entropy)
+    )
+
+
+def policy_loss(
+    logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
+    importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
+    ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="torch",
+    inplace_backward=False,
+):
+    """Reference of :func:`mhpo_kernels.policy_loss` (same signature and output).
+
+    Materialises ``log_softmax`` and, for packed input, pads to ``[S, T_max]``
+    (T_max = the longest sequence). ``backend`` / ``inplace_backward`` are ignored.
+    """
+    cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
+    x = prepare(
+        logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
+        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
+    )
+    if cu_seqlens is not None:
+        if logits.dim() != 2:
+            raise ValueError(f"cu_seqlens needs packed [N, V] logits, got shape {tuple(logits.shape)}")
+        check_cu_seqlens(cu_seqlens, x.target.numel(), logits.device)
+    if not torch.compiler.is_compiling():
+        check_target_ids(x.target, x.logits.shape[-1], ignore_index)
+    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype)
+    loss, metrics = _policy_loss_flat(
+        logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
+        entropy if return_entropy else None,
+    )
+    return MHPOOutput(
+        loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics
+    )
+
+
+def policy_loss_from_logprobs(
+    logprobs, old_logprobs, advantages, mask=None, *, ratio_control=None, importance_sampling_level=None,
+    cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0,
+):
+    """Reference of :func:`mhpo_kernels.policy_loss_from_logprobs` (autograd through the formulas)."""
+    cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
+    shape = tuple(logprobs.shape)
+    dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
+    if advantages.dim() == 1 and len(shape) == 2 and advantages.shape[0] == shape[0]:
+        advantages = advantages[:, None].expand(shape)
+    flat = lambda t: None if t is None else t.detach().reshape(-1).to(dtype)  # noqa: E731
+    m = flat(torch.ones(shape, device=logprobs.device) if mask is None else mask)
+    seq_shape = shape if len(shape) == 2 else (1, shape[0])
+    loss, metrics = _policy_loss_flat(
+        logprobs.reshape(-1).to(dtype), flat(old_logprobs), flat(advantages), m, flat(ref_logprobs), beta,
+        cfg, level, loss_agg_mode, seq_shape, cu_seqlens, None,
+    )
+    return MHPOOutput(loss, logprobs.detach(), None, metrics)
+
+
+def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="torch"):
+    """Reference of :func:`mhpo_kernels.token_logprobs`: ``log_softmax(logits / T).gather``
+    and ``-sum(p log p)``, differentiable; 0 at ``ignore_index`` positions."""
+    x = prepare_targets(logits, target_ids, temperature, ignore_index)
+    if not torch.compiler.is_compiling():
+        check_target_ids(x.target, x.logits.shape[-1], ignore_index)
+    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype)
+    return (logp.reshape(x.shape), entropy.reshape(x.shape)) if return_entropy else logp.reshape(x.shape)
+
+
+def prepare_targets(logits, target_ids, temperature, ignore_index):
+    """:func:`prepare` for logits and targets only (old / adv are zeros, mask ones)."""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    zeros = torch.zeros(logits.shape[:-1], device=logits.device) if logits.dim() in (2, 3) else None
+    return prepare(
+        logits, target_ids, zeros, zeros, None, temperature=temperature, loss_agg_mode="token-mean",
+        ignore_index=ignore_index, ref_logprobs=None, beta=0.0,
     )

@@ -1,0 +1,696 @@
+"""The policy-loss family (issue 4): every mode against its reference on every fused
+backend, packed vs padded, token_logprobs, ablations, peer parity, metrics, bad input."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mhpo_kernels as mk
+from mhpo_kernels import backends
+from mhpo_kernels import reference as R
+from mhpo_kernels._inputs import LOSS_AGG_MODES
+
+from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from util import make_case
+
+FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# name -> (ratio_control, importance_sampling_level)
+MODES = {
+    "mhpo": (mk.MHPOConfig(), "token"),
+    "mhpo_lfm_only": (mk.MHPOConfig(use_dhp=False), "token"),
+    "mhpo_dhp_only": (mk.MHPOConfig(use_lfm=False), "token"),
+    "grpo_clip": (mk.ClipConfig(), "token"),
+    "dapo_dual_delta": (mk.ClipConfig(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0, delta=4.0), "token"),
+    "sapo": (mk.SAPOConfig(), "token"),
+    "gspo": (mk.GSPOConfig(), None),
+    "gspo_wide": (mk.GSPOConfig(eps_low=0.05, eps_high=0.08), "sequence"),
+    "mhpo_seq": (mk.MHPOConfig(), "sequence"),
+    "mhpo_seq_sym": (mk.MHPOConfig(c=1.0, k_neg=1.5, lam_neg=1.0), "sequence"),
+    "clip_seq": (mk.ClipConfig(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0), "sequence"),
+    "sapo_seq": (mk.SAPOConfig(), "sequence"),
+}
+# token shape, cu_seqlens (packed: an empty sequence and a fully masked one)
+SHAPES = {"N37": ((37,), None), "B3T13": ((3, 13), None), "packed37": ((37,), [0, 5, 5, 17, 30, 37])}
+MASKED_SEQ = slice(17, 30)
+
+
+def case_for(shape_name, V, dtype, seed, **kw):
+    shape, cu = SHAPES[shape_name]
+    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=seed, **kw)
+    if cu is not None:
+        mask[MASKED_SEQ] = 0
+        old[MASKED_SEQ], adv[MASKED_SEQ] = float("inf"), float("nan")
+        cu = torch.tensor(cu, dtype=torch.int32)
+    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    return tuple(to(t) for t in (logits, ids, old, adv, mask, ref, cu))
+
+
+def run(backend, case, *, mode, beta=0.0, upstream_seed=0, return_entropy=True, inplace_backward=False, **kw):
+    """Loss, outputs and logits gradient for random upstream gradients (loss and entropy)."""
+    logits, ids, old, adv, mask, ref, cu = case
+    cfg, level = MODES[mode]
+    leaf = logits.clone().requires_grad_()
+    z = leaf + 0 if inplace_backward else leaf
+    out = mk.policy_loss(z, ids, old, adv, mask, ratio_control=cfg, importance_sampling_level=level,
+                         cu_seqlens=cu, ref_logprobs=ref if beta else None, beta=beta,
+                         return_entropy=return_entropy, backend=backend, inplace_backward=inplace_backward, **kw)
+    g = torch.Generator().manual_seed(upstream_seed)
+    total = out.loss * (1 + torch.rand((), generator=g)).to(out.loss)
+    if return_entropy:
+        total = total + (out.entropy * torch.randn(out.entropy.shape, generator=g).to(out.entropy)).sum()
+    total.backward()
+    return out, leaf.grad
+
+
+def check(out, grad, want, want_grad, dtype):
+    assert out.loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+    assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
+    if want.entropy is not None:
+        assert_close(out.entropy, want.entropy, *SCALAR_TOL, "entropy")
+    assert_close(grad, want_grad, *TOL[dtype], "grad")
+    assert out.metrics.keys() == want.metrics.keys()
+    for k in want.metrics:
+        assert_close(out.metrics[k], want.metrics[k], 1e-4, 1e-4, f"metric {k}", floor=1e-2)
+
+
+def double(case):
+    return tuple(None if t is None else (t.double() if t.is_floating_point() else t) for t in case)
+
+
+GRID = list(itertools.product(MODES, SHAPES))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode,shape", GRID, ids=[f"{m}-{s}" for m, s in GRID])
+def test_mode_vs_reference(backend, mode, shape):
+    """Each mode through the fused kernels against reference.policy_loss in float64."""
+    i = GRID.index((mode, shape))  # cycle the remaining options over the grid
+    dtype = list(DTYPES.values())[i % 3]
+    kw = dict(loss_agg_mode=LOSS_AGG_MODES[(i // 3) % 4], temperature=(1.0, 0.7)[i % 2],
+              beta=(0.0, 0.1)[(i // 2) % 2], return_entropy=bool((i // 4) % 2 == 0),
+              inplace_backward=bool((i // 5) % 2))
+    case = case_for(shape, (127, 1031)[(i // 7) % 2], dtype, seed=i, ratio_spread=0.5)
+    out, grad = run(backend, case, mode=mode, upstream_seed=i, **kw)
+    kw.pop("inplace_backward")
+    want, want_grad = run("torch", double(case), mode=mode, upstream_seed=i, **kw)
+    check(out, grad, want, want_grad, dtype)
+    if not kw["return_entropy"]:
+        assert out.entropy is None and "entropy_mean" not in out.metrics
+
+
+def logprob_case(shape_name, seed, dtype=torch.float64):
+    logits, ids, old, adv, mask, ref, cu = case_for(shape_name, 17, torch.float64, seed=seed, ratio_spread=0.5)
+    logp = torch.log_softmax(logits, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
+    mask = mask * (ids != -100)
+    logp = torch.where(mask != 0, logp, torch.full_like(logp, float("-inf")))  # garbage where masked
+    return logp.to(dtype), old, adv, mask, ref, cu
+
+
+FROM_GRID = list(itertools.product(MODES, ["B3T13", "packed37"], LOSS_AGG_MODES))
+
+
+@pytest.mark.parametrize("mode,shape,agg", FROM_GRID, ids=[f"{m}-{s}-{a}" for m, s, a in FROM_GRID])
+def test_from_logprobs_vs_reference(mode, shape, agg):
+    """policy_loss_from_logprobs (analytic dL/dlogp) against autograd through the reference formulas."""
+    cfg, level = MODES[mode]
+    i = FROM_GRID.index((mode, shape, agg))
+    logp, old, adv, mask, ref, cu = logprob_case(shape, seed=i)
+    kw = dict(ratio_control=cfg, importance_sampling_level=level, cu_seqlens=cu, loss_agg_mode=agg,
+              ref_logprobs=ref, beta=(0.0, 0.1)[i % 2])
+    results = []
+    for fn in (mk.policy_loss_from_logprobs, R.policy_loss_from_logprobs):
+        x = logp.clone().requires_grad_()
+        out = fn(x, old, adv, mask, **kw)
+        out.loss.backward()
+        results.append((out, x.grad))
+    (out, grad), (want, want_grad) = results
+    # the reference's SAPO tau is a float32 tensor (torch.where of Python floats): 4/tau is fp32 math
+    tol = (1e-6, 1e-6) if isinstance(cfg, mk.SAPOConfig) else TOL[torch.float64]
+    assert_close(out.loss, want.loss, *tol, "loss")
+    assert_close(grad, want_grad, *tol, "grad")
+    assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))
+    assert out.metrics.keys() == want.metrics.keys()
+    for k in want.metrics:
+        assert_close(out.metrics[k], want.metrics[k], 2e-6, 1e-6, f"metric {k}", floor=1.0)  # metrics are fp32
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("mode", ["mhpo", "dapo_dual_delta", "sapo"])
+def test_token_modes_epilogue_vs_from_logprobs(backend, mode):
+    """The kernel epilogue and the torch surrogate of policy_loss_from_logprobs agree (same gradient w.r.t. logits)."""
+    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.float32, seed=11, ratio_spread=1.0)
+    cfg, level = MODES[mode]
+    want, want_grad = run(backend, (logits, ids, old, adv, mask, ref, None), mode=mode, beta=0.1,
+                          return_entropy=False)
+    z = logits.clone().requires_grad_()
+    logp = mk.token_logprobs(z, ids, backend=backend)
+    out = mk.policy_loss_from_logprobs(logp, old, adv, mask * (ids != -100), ratio_control=cfg, ref_logprobs=ref,
+                                       beta=0.1)
+    g = torch.Generator().manual_seed(0)
+    (out.loss * (1 + torch.rand((), generator=g))).backward()
+    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+    assert_close(z.grad, want_grad, *TOL[torch.float32], "grad")
+
+
+# ---------------------------------------------------------------------------- packed vs padded
+
+LENGTHS = [6, 0, 11, 3, 11]  # an empty sequence; T_max = 11
+
+
+def padded_and_packed(V, seed):
+    """The same data as [B, T_max, V] (padded to the longest sequence) and packed [N, V] + cu_seqlens."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(LENGTHS), max(LENGTHS)
+    logits = torch.randn(B, T, V, generator=g) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    ids[0, 2] = -100
+    valid = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
+    mask = (valid & (torch.rand(B, T, generator=g) > 0.2)).float()
+    mask[3] = 0  # a fully masked (non-empty) sequence
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
+    old = (logp + 0.4 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    ref = (logp + 0.2 * torch.randn(B, T, generator=g, dtype=torch.float64)).float()
+    adv = torch.randn(B, generator=g)[:, None].expand(B, T).clone()
+    old[~valid], adv[~valid] = float("inf"), float("nan")  # garbage in the padding
+    cu = torch.tensor([0] + list(itertools.accumulate(LENGTHS)), dtype=torch.int64)
+    pack = lambda t: t[valid]  # noqa: E731
+    dev = lambda ts: tuple(t.to(DEVICE) for t in ts)  # noqa: E731
+    padded = dev((logits, ids, old, adv, mask, ref))
+    packed = dev((pack(logits), pack(ids), pack(old), pack(adv), pack(mask), pack(ref), cu))
+    return padded, packed, valid.to(DEVICE)
+
+
+PACK_GRID = list(itertools.product(["mhpo", "dapo_dual_delta", "gspo_wide", "mhpo_seq"], LOSS_AGG_MODES))
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("mode,agg", PACK_GRID, ids=[f"{m}-{a}" for m, a in PACK_GRID])
+def test_packed_equals_padded(backend, mode, agg):
+    padded, packed, valid = padded_and_packed(V=67, seed=PACK_GRID.index((mode, agg)))
+    cfg, level = MODES[mode]
+    g = torch.Generator().manual_seed(1)
+    ent_w = torch.randn(valid.shape, generator=g).to(DEVICE) * valid  # the same upstream entropy gradient
+    results = []
+    for (logits, ids, old, adv, mask, ref), cu_, w in ((padded, None, ent_w), (packed[:6], packed[6], ent_w[valid])):
+        z = logits.clone().requires_grad_()
+        out = mk.policy_loss(z, ids, old, adv, mask, ratio_control=cfg, importance_sampling_level=level,
+                             cu_seqlens=cu_, loss_agg_mode=agg, ref_logprobs=ref, beta=0.05, temperature=0.9,
+                             return_entropy=True, backend=backend)
+        (out.loss * 1.5 + (out.entropy * w).sum()).backward()
+        results.append((out, z.grad))
+    (out_p, grad_p), (out_k, grad_k) = results
+    assert_close(out_k.loss, out_p.loss, *SCALAR_TOL, "loss")
+    assert_close(grad_k, grad_p[valid], *TOL[torch.float32], "grad")
+    assert torch.equal(grad_p[~valid], torch.zeros_like(grad_p[~valid]))
+    assert_close(out_k.entropy, out_p.entropy[valid], *SCALAR_TOL, "entropy")
+    for k in out_p.metrics:
+        assert_close(out_k.metrics[k], out_p.metrics[k], 1e-5, 1e-5, f"metric {k}", floor=1e-2)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_packed_equals_padded_from_logprobs(mode):
+    padded, packed, valid = padded_and_packed(V=13, seed=3)
+    cfg, level = MODES[mode]
+    lp = torch.log_softmax(padded[0].double(), -1).gather(-1, padded[1].clamp(min=0)[..., None])[..., 0]
+    for agg in LOSS_AGG_MODES:
+        kw = dict(ratio_control=cfg, importance_sampling_level=level, loss_agg_mode=agg, beta=0.05)
+        x_p = lp.clone().requires_grad_()
+        out_p = mk.policy_loss_from_logprobs(x_p, *padded[2:5], ref_logprobs=padded[5], **kw)
+        out_p.loss.backward()
+        x_k = lp[valid].clone().requires_grad_()
+        out_k = mk.policy_loss_from_logprobs(x_k, *packed[2:5], ref_logprobs=packed[5], cu_seqlens=packed[6], **kw)
+        out_k.loss.backward()
+        assert_close(out_k.loss, out_p.loss, 1e-12, 1e-10, f"{agg} loss")
+        assert_close(x_k.grad, x_p.grad[valid], 1e-12, 1e-10, f"{agg} grad")
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("mode", ["mhpo", "gspo"])
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+def test_packed_empty_and_all_masked(backend, mode, agg):
+    cfg, level = MODES[mode]
+    for cu in ([0], [0, 0, 0]):  # no sequences; only empty sequences
+        logits = torch.randn(0, 17, device=DEVICE, requires_grad=True)
+        z = torch.zeros(0, device=DEVICE)
+        out = mk.policy_loss(logits, z.long(), z, z, ratio_control=cfg, cu_seqlens=torch.tensor(cu, device=DEVICE),
+                             loss_agg_mode=agg, backend=backend, return_entropy=True)
+        out.loss.backward()
+        assert out.loss.item() == 0.0 and logits.grad.shape == logits.shape
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=6)
+    out, grad = run(backend, (logits, ids, old, adv, torch.zeros_like(mask), ref, cu), mode=mode,
+                    loss_agg_mode=agg, beta=0.1, return_entropy=False)
+    assert out.loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+    assert all(torch.isfinite(v) for v in out.metrics.values())
+
+
+# ---------------------------------------------------------------------------- token_logprobs
+
+TLP_GRID = [("fp32", 1031, (37,)), ("bf16", 127, (3, 13)), ("fp16", 4099, (5,)), ("fp32", 1, (2, 3)),
+            ("bf16", 2, (7,))]
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("dtype,V,shape", TLP_GRID, ids=[f"{d}-V{v}-{'x'.join(map(str, s))}" for d, v, s in TLP_GRID])
+@pytest.mark.parametrize("return_entropy", [False, True], ids=["logp", "logp+entropy"])
+def test_token_logprobs(backend, dtype, V, shape, return_entropy):
+    """Against log_softmax(...).gather and -sum(p log p) in float64, in value and gradient."""
+    dtype = DTYPES[dtype]
+    logits, ids, *_ = make_case(shape, V, dtype, seed=V, device=DEVICE, ref=False)
+    T = 0.8
+    z = logits.clone().requires_grad_()
+    got = mk.token_logprobs(z, ids, temperature=T, return_entropy=return_entropy, backend=backend)
+    logp, ent = got if return_entropy else (got, None)
+    assert isinstance(got, tuple) == return_entropy
+    z64 = logits.double().requires_grad_()
+    lsm = F.log_softmax(z64 / T, -1)
+    valid = ids != -100
+    want = torch.where(valid, lsm.gather(-1, ids.clamp(min=0)[..., None])[..., 0], 0.0)
+    want_ent = torch.where(valid, -(lsm.exp() * lsm).sum(-1), 0.0)
+    g = torch.Generator().manual_seed(1)
+    g_logp, g_ent = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE)
+    assert logp.shape == ids.shape and logp.dtype == torch.float32
+    assert_close(logp, want, *SCALAR_TOL, "logprobs")
+    total, want_total = (logp * g_logp).sum(), (want * g_logp).sum()
+    if return_entropy:
+        assert_close(ent, want_ent, *SCALAR_TOL, "entropy")
+        total, want_total = total + (ent * g_ent).sum(), want_total + (want_ent * g_ent).sum()
+    total.backward()
+    want_total.backward()
+    assert z.grad.dtype == dtype
+    assert_close(z.grad, z64.grad, *TOL[dtype], "grad")
+    assert torch.equal(z.grad[~valid], torch.zeros_like(z.grad[~valid]))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_token_logprobs_matches_policy_loss_outputs(backend):
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 131, torch.bfloat16, seed=2)
+    logp, ent = mk.token_logprobs(logits, ids, return_entropy=True, backend=backend)
+    out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=mk.GSPOConfig(), cu_seqlens=cu,
+                         return_entropy=True, backend=backend)
+    assert torch.equal(logp, out.logprobs) and torch.equal(ent, out.entropy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter is too slow for 70k rows)")
+@pytest.mark.parametrize("backend", FUSED)
+def test_many_tokens_no_grid_limit(backend):
+    """More rows than a 65,535-block grid axis: every row is computed."""
+    N, V = 70_001, 7
+    logits = torch.randn(N, V, device=DEVICE, requires_grad=True)
+    ids = torch.randint(0, V, (N,), device=DEVICE)
+    logp, ent = mk.token_logprobs(logits, ids, return_entropy=True, backend=backend)
+    lsm = torch.log_softmax(logits.detach().double(), -1)
+    assert_close(logp, lsm.gather(-1, ids[:, None])[:, 0], *SCALAR_TOL, "logprobs")
+    cu = torch.tensor([0, 1, 40_000, N], device=DEVICE)
+    out = mk.policy_loss(logits, ids, logp.detach() - 0.01, torch.ones(N, device=DEVICE), cu_seqlens=cu,
+                         ratio_control=mk.GSPOConfig(), loss_agg_mode="seq-mean-token-mean", backend=backend)
+    out.loss.backward()
+    assert (logits.grad[-1] != 0).any()
+
+
+# ---------------------------------------------------------------------------- ablations
+
+def per_token(cfg, delta, adv, level="token"):
+    """Per-token loss and dL/dlogp through policy_loss_from_logprobs (one sequence, seq-mean-token-sum = sum)."""
+    logp = (delta - 3.0).clone().requires_grad_()
+    out = mk.policy_loss_from_logprobs(logp, torch.full_like(delta, -3.0), adv, ratio_control=cfg,
+                                       importance_sampling_level=level, loss_agg_mode="seq-mean-token-sum")
+    out.loss.backward()
+    return out, logp.grad
+
+
+def test_ablation_definitions():
+    delta = torch.linspace(-4, 4, 41, dtype=torch.float64)
+    adv = torch.linspace(-1, 1.5, 41, dtype=torch.float64)
+    c = 1.5
+    sech2 = 1 / torch.cosh(delta / c) ** 2
+    # LFM only: zeta = 0
+    out, grad = per_token(mk.MHPOConfig(use_dhp=False), delta, adv)
+    psi = c * torch.tanh(delta / c)
+    torch.testing.assert_close(out.loss, (-torch.exp(psi) * adv).sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, -adv * torch.exp(psi) * sech2, rtol=1e-10, atol=1e-12)
+    assert out.metrics["zeta_mean"].item() == 0.0 and out.metrics["survival_mean"].item() == 1.0
+    # DHP only: psi = delta, zeta on delta
+    d = mk.MHPOConfig()
+    zeta = (F.softplus(delta) / d.lam_pos) ** d.k_pos + (F.softplus(-delta) / d.lam_neg) ** d.k_neg
+    out, grad = per_token(mk.MHPOConfig(use_lfm=False), delta, adv)
+    torch.testing.assert_close(out.loss, (-torch.exp(delta - zeta) * adv).sum(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, -adv * torch.exp(delta - zeta), rtol=1e-10, atol=1e-12)
+    assert out.metrics["psi_mean"].item() == pytest.approx(delta.mean().item(), abs=1e-6)  # metrics are fp32
+    # symmetric DHP: zeta(psi) = zeta(-psi)
+    sym = mk.MHPOConfig(k_neg=1.5, lam_neg=1.0)
+    _, g_pos = per_token(sym, delta, torch.ones_like(delta))
+    _, g_neg = per_token(sym, -delta, torch.ones_like(delta))
+    torch.testing.assert_close(g_pos * torch.exp(-psi), g_neg * torch.exp(psi), rtol=1e-10, atol=1e-12)
+    # full MHPO: exp(psi - sg(zeta(psi))), gradient exp(psi - zeta) sech^2
+    zeta = (F.softplus(psi) / d.lam_pos) ** d.k_pos + (F.softplus(-psi) / d.lam_neg) ** d.k_neg
+    out, grad = per_token(d, delta, adv)
+    torch.testing.assert_close(grad, -adv * torch.exp(psi - zeta) * sech2, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("ablation", ["lfm_only", "dhp_only"])
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_ablations_through_policy_loss(backend, ablation, level):
+    """The switches through the logits path, against the closed form on log_softmax log-probs."""
+    cfg = mk.MHPOConfig(use_dhp=False) if ablation == "lfm_only" else mk.MHPOConfig(use_lfm=False)
+    logits, ids, old, adv, mask, _, _ = case_for("B3T13", 31, torch.float32, seed=9, ignore_frac=0.0, mask_frac=0.0,
+                                                masked_seq=False)
+    out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=cfg, importance_sampling_level=level,
+                         loss_agg_mode="seq-mean-token-mean", backend=backend)
+    logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
+    delta = (logp - old.double()).cpu()
+    if level == "sequence":
+        delta = delta.mean(-1, keepdim=True).expand_as(delta)
+    if ablation == "lfm_only":
+        L = -torch.exp(1.5 * torch.tanh(delta / 1.5))
+    else:
+        L = -torch.exp(delta - ((F.softplus(delta) / 1.0) ** 1.5 + (F.softplus(-delta) / 0.8) ** 2.0))
+    want = (L * adv.double().cpu()).mean()
+    assert_close(out.loss, want, *SCALAR_TOL, "loss")
+
+
+# ---------------------------------------------------------------------------- peer parity
+
+def trl_grpo_loss(logp, old, adv, mask, eps_low, eps_high, loss_type, delta=None, level="token"):
+    """TRL GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py, v0.20+), transcribed:
+
+        log_ratio = per_token_logps - old_per_token_logps
+        log_importance_weights = log_ratio                                  # "token"
+        log_importance_weights = (log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # "sequence" (GSPO)
+        coef_1 = exp(log_importance_weights); coef_2 = clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+        if delta is not None: coef_1 = clamp(coef_1, max=delta)             # two-sided clipping
+        per_token_loss = -min(coef_1 * A, coef_2 * A)
+        grpo:    ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        bnpo:    (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+        dr_grpo: (per_token_loss * mask).sum() / (B * max_completion_length)
+    """
+    log_ratio = logp - old
+    if level == "token":
+        liw = log_ratio
+    else:
+        liw = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0))[:, None]
+    coef_1 = torch.exp(liw)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv)
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+    return (per_token_loss * mask).sum() / (logp.shape[0] * logp.shape[1])
+
+
+def verl_vanilla_loss(logp, old, adv, mask, clip_low, clip_high, clip_ratio_c):
+    """verl compute_policy_loss_vanilla (verl/trainer/ppo/core_algos.py), token-mean, transcribed:
+
+        ratio = exp(clamp(log_prob - old_log_prob, -20, 20))
+        pg_losses1 = -A * ratio;  pg_losses2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)
+        clip_pg_losses1 = maximum(pg_losses1, pg_losses2)
+        pg_clipfrac = masked_mean(gt(pg_losses2, pg_losses1))
+        pg_losses3 = -A * clip_ratio_c;  clip_pg_losses2 = min(pg_losses3, clip_pg_losses1)
+        pg_clipfrac_lower = masked_mean(gt(clip_pg_losses1, pg_losses3) * (A < 0))
+        pg_losses = where(A < 0, clip_pg_losses2, clip_pg_losses1)
+    """
+    ratio = torch.exp(torch.clamp(logp - old, -20.0, 20.0))
+    pg1, pg2 = -adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high)
+    clip1 = torch.maximum(pg1, pg2)
+    pg3 = -adv * clip_ratio_c
+    clip2 = torch.min(pg3, clip1)
+    lower = ((clip1 > pg3) & (adv < 0)).double()
+    pg = torch.where(adv < 0, clip2, clip1)
+    return (pg * mask).sum() / mask.sum(), (lower * mask).sum() / mask.sum()
+
+
+def peer_case(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T, V = 4, 9, 23
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
+    ids = torch.randint(0, V, (B, T), generator=g)
+    mask = (torch.arange(T)[None, :] < torch.tensor([9, 4, 7, 1])[:, None]).double()  # no empty completion
+    logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
+    old = logp + 0.6 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    adv = torch.randn(B, generator=g, dtype=torch.float64)[:, None].expand(B, T)
+    return logits, ids, logp, old, adv, mask
+
+
+PEERS = {  # name -> (our config, level, our loss_agg_mode, TRL loss_type, TRL kwargs)
+    "grpo": (mk.ClipConfig(0.2, 0.28), "token", "seq-mean-token-mean", "grpo", {}),
+    "bnpo_dapo": (mk.ClipConfig(0.2, 0.28), "token", "token-mean", "bnpo", {}),
+    "dr_grpo": (mk.ClipConfig(0.2, 0.28), "token", "seq-mean-token-sum-norm", "dr_grpo", {}),
+    "two_sided_delta": (mk.ClipConfig(0.2, 0.28, delta=1.5), "token", "token-mean", "bnpo", dict(delta=1.5)),
+    "gspo_trl": (mk.GSPOConfig(0.05, 0.08), "sequence", "seq-mean-token-mean", "grpo", dict(level="sequence")),
+    "gspo_trl_clip": (mk.ClipConfig(0.05, 0.08), "sequence", "seq-mean-token-mean", "grpo", dict(level="sequence")),
+}
+
+
+@pytest.mark.parametrize("path", FUSED + ["from_logprobs"])
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_parity_with_trl(path, peer):
+    cfg, level, agg, loss_type, extra = PEERS[peer]
+    logits, ids, logp, old, adv, mask = peer_case(seed=len(peer))
+    eps = (cfg.eps_low, cfg.eps_high)
+    if path == "from_logprobs":
+        x = logp.clone().requires_grad_()
+        want_x = logp.clone().requires_grad_()
+        out = mk.policy_loss_from_logprobs(x, old, adv[:, 0], mask, ratio_control=cfg, importance_sampling_level=level,
+                                           loss_agg_mode=agg)
+        tol = TOL[torch.float64]
+    else:
+        x = logits.float().requires_grad_()
+        want_x = logits.float().double().requires_grad_()
+        out = mk.policy_loss(x, ids, old.float(), adv[:, 0].float(), mask, ratio_control=cfg,
+                             importance_sampling_level=level, loss_agg_mode=agg, backend=path)
+        tol = TOL[torch.float32]
+    want_logp = want_x if path == "from_logprobs" else \
+        torch.log_softmax(want_x, -1).gather(-1, ids[..., None])[..., 0]
+    want = trl_grpo_loss(want_logp, old, adv, mask, *eps, loss_type, **extra)
+    out.loss.backward()
+    want.backward()
+    assert_close(out.loss, want, *(tol if path == "from_logprobs" else SCALAR_TOL), "loss")
+    assert_close(x.grad, want_x.grad, *tol, "grad")
+
+
+@pytest.mark.parametrize("path", FUSED + ["from_logprobs"])
+def test_parity_with_verl_dual_clip(path):
+    logits, ids, logp, old, adv, mask = peer_case(seed=5)
+    old = logp + 2.5 * (old - logp)  # wide ratios: dual-clip and both clip edges are hit
+    cfg = mk.ClipConfig(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
+    if path == "from_logprobs":
+        x, want_x = logp.clone().requires_grad_(), logp.clone().requires_grad_()
+        out = mk.policy_loss_from_logprobs(x, old, adv, mask, ratio_control=cfg)
+        want_logp, tol = want_x, TOL[torch.float64]
+    else:
+        x, want_x = logits.float().requires_grad_(), logits.float().double().requires_grad_()
+        out = mk.policy_loss(x, ids, old.float(), adv.float(), mask, ratio_control=cfg, backend=path)
+        want_logp, tol = torch.log_softmax(want_x, -1).gather(-1, ids[..., None])[..., 0], TOL[torch.float32]
+    want, lower = verl_vanilla_loss(want_logp, old, adv, mask, 0.2, 0.28, 3.0)
+    assert 0 < lower.item() < 1, "the case must exercise the dual clip"
+    out.loss.backward()
+    want.backward()
+    assert_close(out.loss, want, *SCALAR_TOL, "loss")
+    assert_close(x.grad, want_x.grad, *tol, "grad")
+    assert_close(out.metrics["dual_clipfrac"], lower, 1e-6, 1e-6, "dual_clipfrac")
+
+
+def test_trl_package_if_installed():
+    trl = pytest.importorskip("trl", reason="optional peer check; trl is not a dependency")
+    assert trl.__version__  # the transcribed formulas above are what test_parity_with_trl checks
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def test_metrics_per_mode():
+    r = torch.tensor([0.5, 0.79, 0.9, 1.0, 1.2, 1.3, 5.0, 2.0], dtype=torch.float64)
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0, 1.0, 1.0, -1.0, 1.0], dtype=torch.float64)
+    logp = torch.log(r) - 2.0
+    old = torch.full_like(r, -2.0)
+    clip = mk.policy_loss_from_logprobs(logp, old, adv, ratio_control=mk.ClipConfig(0.2, 0.28, dual_clip_c=3.0)).metrics
+    # TRL's clip_ratio convention: the clip is active only where it cuts the gradient
+    assert clip["clipfrac_low"].item() == pytest.approx(1 / 8)  # r = 0.5 with A < 0 (not r = 0.79, A > 0)
+    assert clip["clipfrac_high"].item() == pytest.approx(2 / 8)  # r = 1.3, 2.0 with A > 0 (not r = 5, A < 0)
+    assert clip["clipfrac"].item() == pytest.approx(3 / 8)
+    assert clip["dual_clipfrac"].item() == pytest.approx(1 / 8)  # r = 5 > c = 3 with A < 0
+    assert clip["ratio_max"].item() == pytest.approx(5.0) and clip["ratio_min"].item() == pytest.approx(0.5)
+    mhpo = mk.policy_loss_from_logprobs(logp, old, adv).metrics
+    assert {"kl_old", "ratio_max", "ratio_min", "psi_mean", "zeta_mean", "survival_mean",
+            "low_survival_frac"} == set(mhpo)
+    assert mhpo["kl_old"].item() == pytest.approx(-torch.log(r).mean().item())
+    # GSPO: the ratio metrics are over the sequence ratio, each token counted
+    seq = mk.policy_loss_from_logprobs(logp.reshape(2, 4), old.reshape(2, 4), adv.reshape(2, 4),
+                                       ratio_control=mk.GSPOConfig()).metrics
+    s = torch.log(r).reshape(2, 4).mean(-1).exp()
+    assert seq["ratio_max"].item() == pytest.approx(s.max().item())
+    s_tok, a = s[:, None].expand(2, 4), adv.reshape(2, 4)
+    active_clip = ((s_tok < 1 - 3e-4) & (a < 0)) | ((s_tok > 1 + 4e-4) & (a > 0))
+    assert seq["clipfrac"].item() == pytest.approx(active_clip.double().mean().item())
+    assert set(seq) == {"kl_old", "ratio_max", "ratio_min", "clipfrac_low", "clipfrac_high", "clipfrac"}
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("mode", ["mhpo", "gspo"])
+def test_kl_and_entropy_metrics_when_computed(backend, mode):
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=4)
+    cfg, level = MODES[mode]
+    base = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=cfg, cu_seqlens=cu, backend=backend).metrics
+    assert "kl_ref" not in base and "entropy_mean" not in base
+    out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=cfg, cu_seqlens=cu, backend=backend,
+                         ref_logprobs=ref, beta=0.1, return_entropy=True)
+    active = (mask != 0) & (ids != -100)
+    assert_close(out.metrics["entropy_mean"], out.entropy[active].mean(), 1e-6, 1e-6, "entropy_mean")
+    d = (ref - out.logprobs)[active].double()
+    assert_close(out.metrics["kl_ref"], (d.exp() - d - 1).mean(), 1e-5, 1e-5, "kl_ref")
+
+
+# ---------------------------------------------------------------------------- API
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("agg", LOSS_AGG_MODES)
+def test_mhpo_loss_is_policy_loss_with_mhpo(backend, agg):
+    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.bfloat16, seed=8)
+    results = []
+    for fn in (mk.mhpo_loss, mk.policy_loss):
+        z = logits.clone().requires_grad_()
+        out = fn(z, ids, old, adv, mask, ref_logprobs=ref, beta=0.1, loss_agg_mode=agg, return_entropy=True,
+                 backend=backend)
+        (out.loss + 0.1 * out.entropy.sum()).backward()
+        results.append((out, z.grad))
+    (a, ga), (b, gb) = results
+    assert_close(b.loss, a.loss, 1e-7, 1e-7, "loss")
+    assert_close(gb, ga, *TOL[torch.bfloat16], "grad")
+    assert torch.equal(a.logprobs, b.logprobs) and a.metrics.keys() == b.metrics.keys()
+
+
+def test_level_defaults():
+    from mhpo_kernels.config import resolve_ratio_control
+    assert resolve_ratio_control(None, None) == (mk.MHPOConfig(), "token")
+    assert resolve_ratio_control(mk.GSPOConfig(), None)[1] == "sequence"
+    assert resolve_ratio_control(mk.SAPOConfig(), "sequence")[1] == "sequence"
+    for bad in [dict(eps_low=1.0), dict(eps_high=0.0), dict(eps_low=float("nan"))]:
+        with pytest.raises(ValueError):
+            mk.GSPOConfig(**bad)
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: errors must come first."""
+    class Trap:
+        def fwd(self, *a, **k):
+            raise AssertionError("kernel launched")
+        bwd = fwd
+
+    monkeypatch.setattr(backends, "get", lambda name: Trap())
+
+
+def packed_args():
+    logits, ids, old, adv, mask, _, cu = case_for("packed37", 11, torch.float32, seed=0)
+    return dict(logits=logits, target_ids=ids, old_logprobs=old, advantages=adv, mask=mask, cu_seqlens=cu)
+
+
+def cu(values, **kw):
+    return lambda a: a.update(cu_seqlens=torch.tensor(values, **{"device": DEVICE, **kw}))
+
+
+BAD = {
+    "cu_float": (cu([0.0, 37.0]), TypeError, "cu_seqlens must be int32 or int64"),
+    "cu_2d": (cu([[0, 37]]), ValueError, r"cu_seqlens must be a 1-D \[S\+1\]"),
+    "cu_empty": (cu([], dtype=torch.int64), ValueError, "cu_seqlens must be a 1-D"),
+    "cu_list": (lambda a: a.update(cu_seqlens=[0, 37]), TypeError, "cu_seqlens must be a torch.Tensor"),
+    "cu_start": (cu([1, 20, 37]), ValueError, r"cu_seqlens\[0\] must be 0, got 1"),
+    "cu_end": (cu([0, 20, 36]), ValueError, r"cu_seqlens\[-1\] must be the token count N=37, got 36"),
+    "cu_decreasing": (cu([0, 20, 10, 37]), ValueError, r"non-decreasing: cu_seqlens\[2\]=10 < cu_seqlens\[1\]=20"),
+    "cu_device": (lambda a: a.update(cu_seqlens=torch.tensor([0, 37], device="meta")), ValueError,
+                  "cu_seqlens is on meta"),
+    "cu_3d_logits": (lambda a: a.update(logits=a["logits"][None], target_ids=a["target_ids"][None],
+                                        old_logprobs=a["old_logprobs"][None], advantages=a["advantages"][None],
+                                        mask=a["mask"][None]), ValueError, r"cu_seqlens needs packed \[N, V\]"),
+    "level": (lambda a: a.update(importance_sampling_level="seq"), ValueError, "importance_sampling_level must be"),
+    "gspo_token": (lambda a: a.update(ratio_control=mk.GSPOConfig(), importance_sampling_level="token"), ValueError,
+                   "GSPOConfig is sequence-level"),
+    "ratio_control": (lambda a: a.update(ratio_control="clip"), TypeError, "ratio_control must be one of"),
+    "adv_shape": (lambda a: a.update(advantages=a["advantages"][:5]), ValueError, "advantages has shape"),
+}
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+def test_bad_inputs(backend, case, no_launch):
+    a = packed_args()
+    edit, exc, msg = BAD[case]
+    edit(a)
+    with pytest.raises(exc, match=msg):
+        mk.policy_loss(**a, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_token_logprobs_bad_inputs(backend, no_launch):
+    a = packed_args()
+    logits, ids = a["logits"], a["target_ids"]
+    bad = ids.clone()
+    bad[3] = 11
+    with pytest.raises(ValueError, match=r"target_ids\[3\].*= 11 is outside \[0, 11\)"):
+        mk.token_logprobs(logits, bad, backend=backend)
+    with pytest.raises(ValueError, match="target_ids has shape"):
+        mk.token_logprobs(logits, ids[:5], backend=backend)
+    with pytest.raises(ValueError, match="ignore_index=3 is a valid token id"):
+        mk.token_logprobs(logits, ids, ignore_index=3, backend=backend)
+    with pytest.raises(ValueError, match="temperature must be"):
+        mk.token_logprobs(logits, ids, temperature=-1.0, backend=backend)
+    with pytest.raises(TypeError, match="logits must be a torch.Tensor"):
+        mk.token_logprobs(logits.tolist(), ids, backend=backend)
+    if backend != "torch":
+        with pytest.raises(TypeError, match="use backend='torch' for float64"):
+            mk.token_logprobs(logits.double(), ids, backend=backend)
+
+
+def test_from_logprobs_bad_inputs():
+    logp, old, adv, mask, ref, cu_ = logprob_case("B3T13", seed=0)
+    call = mk.policy_loss_from_logprobs
+    with pytest.raises(TypeError, match="logprobs must have a float dtype"):
+        call(logp.long(), old, adv, mask)
+    with pytest.raises(ValueError, match=r"logprobs must be \[N\] or \[B, T\]"):
+        call(logp[None], old, adv, mask)
+    with pytest.raises(ValueError, match="old_logprobs has shape"):
+        call(logp, old[:, :4], adv, mask)
+    with pytest.raises(ValueError, match=r"cu_seqlens needs packed \[N\] log-probs"):
+        call(logp, old, adv, mask, cu_seqlens=torch.tensor([0, 39], device=DEVICE))
+    with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
+        call(logp, old, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
+        call(logp, old, adv, mask, loss_agg_mode="sum")
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must be the token count N=39"):
+        call(logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1),
+             cu_seqlens=torch.tensor([0, 38], device=DEVICE))
+
+
+@pytest.fixture
+def no_poison(monkeypatch):
+    monkeypatch.undo()  # torch.compile traces torch.empty; give it the real one
+
+
+@pytest.mark.parametrize("backend", FUSED[:1])
+def test_compile_fullgraph_sequence_level_packed(backend, no_poison):
+    torch._dynamo.reset()
+    logits, ids, old, adv, mask, ref, cu_ = case_for("packed37", 37, torch.float32, seed=1)
+
+    def f(z):
+        out = mk.policy_loss(z, ids, old, adv, mask, ratio_control=mk.MHPOConfig(),
+                             importance_sampling_level="sequence", cu_seqlens=cu_, ref_logprobs=ref, beta=0.05, return_entropy=True, backend=backend,
+                             loss_agg_mode="seq-mean-token-sum-norm")
+        return out.loss + 0.01 * out.entropy.sum(), out.metrics["survival_mean"]
+
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        loss, surv = fn(z)
+        loss.backward()
+        results.append((loss.detach(), surv, z.grad))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert_close(l1, l0, *SCALAR_TOL, "loss")
+    assert_close(s1, s0, *SCALAR_TOL, "metric")
+    assert_close(g1, g0, *TOL[torch.float32], "grad")
