@@ -141,3 +141,18 @@ def check_target_ids(target: torch.Tensor, V: int, ignore_index: int) -> None:
 def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a / b with 0 where b == 0 (empty and fully masked batches give 0, not NaN)."""
     return a / torch.where(b == 0, torch.ones_like(b), b)
+
+
+def aggregation_weights(mask, seq_shape, loss_agg_mode):
+    """Per-token weights w with ``loss = sum(w * L)`` for each aggregation mode of the spec."""
+    B, T = seq_shape
+    m = mask.reshape(B, T)
+    if loss_agg_mode == "token-mean":
+        w = safe_div(m, m.sum())
+    elif loss_agg_mode == "seq-mean-token-sum-norm":
+        w = m / max(B * T, 1)
+    else:
+        count = m.sum(-1, keepdim=True)
+        n_seq = (count != 0).sum().to(m.dtype)  # fully masked sequences are not counted
+        w = safe_div(safe_div(m, count) if loss_agg_mode == "seq-mean-token-mean" else m, n_seq)
+    return w.reshape(-1)

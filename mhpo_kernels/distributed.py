@@ -139,6 +139,8 @@ def vocab_parallel_logprobs(logits2d, target, *, group, temperature=1.0, ignore_
     """
     name = backends.resolve(backend, logits2d.device)
     start, V_total = shard_layout(logits2d.shape[1], logits2d.shape[0], group, vocab_start_index)
+    if 0 <= ignore_index < V_total:
+        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V_total}; use a negative value")
     if not torch.compiler.is_compiling():
         check_target_ids(target, V_total, ignore_index)
     logp, entropy = _VocabParallelLogprobs.apply(logits2d, target, float(temperature), int(ignore_index),

@@ -18,13 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from . import backends, reference
-from ._inputs import LOSS_AGG_MODES, MHPOOutput, _flat, prepare, safe_div
+from ._inputs import LOSS_AGG_MODES, MHPOOutput, _flat, aggregation_weights, prepare, safe_div
 from ._ops import fused_fwd
 from .config import (
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_NONE, ClipConfig, GSPOConfig, MHPOConfig,
     SAPOConfig, resolve_ratio_control,
 )
-from .loss import aggregation_weights
 from .metrics import policy_metrics
 
 __all__ = ["policy_loss", "policy_loss_from_logprobs", "token_logprobs", "surrogate"]
@@ -167,7 +166,7 @@ def policy_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto",
-    inplace_backward=False,
+    inplace_backward=False, process_group=None, vocab_start_index=None,
 ) -> MHPOOutput:
     """Policy loss of any ratio control from logits, fused: no [N, V] float32 temporary.
 
@@ -199,6 +198,13 @@ def policy_loss(
             ``[B, T]`` padded to the longest sequence give the same loss.
             Without it, ``[B, T, V]`` logits are B sequences and ``[N, V]``
             one sequence.
+        process_group, vocab_start_index: vocabulary-parallel logits (tensor
+            parallelism, :mod:`mhpo_kernels.distributed`): this rank's logits
+            hold vocabulary ids ``[vocab_start_index, vocab_start_index + V_local)``
+            (default: after the shards of lower ranks); target ids are global.
+            Only O(N) statistics are all-reduced; every rank gets the same loss,
+            log-probs, entropy and metrics, and the gradient of its own shard.
+            ``inplace_backward`` is not used in this mode.
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``. metrics:
@@ -220,6 +226,10 @@ def policy_loss(
     """
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
     name = backends.resolve(backend, logits.device) if isinstance(logits, torch.Tensor) else "torch"
+    if process_group is not None:
+        return _vocab_parallel_policy_loss(
+            logits, target_ids, old_logprobs, advantages, mask, cfg, level, cu_seqlens, temperature, loss_agg_mode,
+            ignore_index, ref_logprobs, beta, return_entropy, name, process_group, vocab_start_index)
     if name == "torch":
         return reference.policy_loss(
             logits, target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
@@ -256,6 +266,26 @@ def policy_loss(
     else:
         loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, seqs, loss_agg_mode, ent)
     return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,
+                      metrics)
+
+
+def _vocab_parallel_policy_loss(logits, target_ids, old_logprobs, advantages, mask, cfg, level, cu_seqlens,
+                                temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, return_entropy, name,
+                                group, vocab_start_index):
+    """policy_loss on a vocabulary shard: global log-probs, then the O(N) loss on every rank."""
+    from .distributed import vocab_parallel_logprobs
+
+    x = prepare(
+        logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
+        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
+        beta=beta, compute_dtype=torch.float32,
+    )
+    seqs = _sequences(x, cu_seqlens, logits)
+    logp, ent, _, _ = vocab_parallel_logprobs(
+        x.logits, x.target, group=group, temperature=temperature, ignore_index=ignore_index,
+        return_entropy=return_entropy, backend=name, vocab_start_index=vocab_start_index)
+    loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, seqs, loss_agg_mode, ent)
+    return MHPOOutput(loss, logp.detach().reshape(x.shape), ent.reshape(x.shape) if return_entropy else None,
                       metrics)
 
 
@@ -323,7 +353,8 @@ def policy_loss_from_logprobs(
     return MHPOOutput(loss, logprobs.detach(), None, metrics)
 
 
-def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto"):
+def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto",
+                   process_group=None, vocab_start_index=None):
     """Log-probs of the targets (and the entropy), fused: one pass over the logits, no [N, V] temporary.
 
     ``logp = z[y]/T - logsumexp(z/T)``, ``H = -sum_v p log p`` with
@@ -337,6 +368,8 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
         temperature: logits are divided by it.
         return_entropy: also return the entropy, from the same pass.
         backend: "auto" | "triton" | "cuda" | "cpu" | "torch" (``log_softmax``).
+        process_group, vocab_start_index: vocabulary-parallel logits, as in
+            :func:`policy_loss` (O(N) communication).
 
     Returns:
         logprobs, shape of target_ids, float32 (float64 for float64 logits);
@@ -350,6 +383,14 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
         >>> (logp.sum() + 0.01 * ent.sum()).backward()
     """
     name = backends.resolve(backend, logits.device) if isinstance(logits, torch.Tensor) else "torch"
+    if process_group is not None:
+        from .distributed import vocab_parallel_logprobs
+
+        x = reference.prepare_targets(logits, target_ids, temperature, ignore_index)
+        logp, entropy, _, _ = vocab_parallel_logprobs(
+            x.logits, x.target, group=process_group, temperature=temperature, ignore_index=ignore_index,
+            return_entropy=return_entropy, backend=name, vocab_start_index=vocab_start_index)
+        return (logp.reshape(x.shape), entropy.reshape(x.shape)) if return_entropy else logp.reshape(x.shape)
     if name == "torch":
         return reference.token_logprobs(logits, target_ids, temperature=temperature, ignore_index=ignore_index,
                                         return_entropy=return_entropy)

@@ -69,6 +69,42 @@ def _check_bad(rank, case):
         raise AssertionError(f"{case}: no error on rank {rank}")
 
 
+def _check_losses(rank, backend, sizes):
+    """mhpo_loss (token-level MHPO, KL, entropy), policy_loss (GSPO, packed) and token_logprobs on shards."""
+    from util import make_case
+
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    logits, ids, old, adv, mask, ref = make_case((3, 7), sum(sizes), torch.float32, seed=5)
+    group = dist.group.WORLD
+    calls = [
+        lambda z, **k: mk.mhpo_loss(z, ids, old, adv, mask, ref_logprobs=ref, beta=0.1, return_entropy=True,
+                                    loss_agg_mode="seq-mean-token-mean", temperature=0.9, **k),
+        lambda z, **k: mk.policy_loss(z.reshape(21, -1), ids.reshape(-1), old.reshape(-1), adv.reshape(-1),
+                                      mask.reshape(-1), ratio_control=mk.GSPOConfig(),
+                                      cu_seqlens=torch.tensor([0, 5, 14, 21]), **k),
+    ]
+    for call in calls:
+        full = logits.clone().requires_grad_()
+        want = call(full, backend="torch")
+        want.loss.backward()
+        shard = logits[..., lo:hi].clone().requires_grad_()
+        got = call(shard, backend=backend, process_group=group)
+        got.loss.backward()
+        where = f"{backend} sizes={sizes} rank {rank}"
+        assert_close(got.loss, want.loss, 2e-6, 2e-6, f"loss {where}")
+        assert_close(got.logprobs, want.logprobs, 2e-6, 2e-6, f"logprobs {where}")
+        if want.entropy is not None:
+            assert_close(got.entropy, want.entropy, 2e-6, 2e-6, f"entropy {where}")
+        assert_close(shard.grad, full.grad[..., lo:hi], *TOL[torch.float32], f"grad {where}")
+        for k in want.metrics:
+            assert_close(got.metrics[k], want.metrics[k], 1e-5, 1e-5, f"metric {k} {where}", floor=1e-2)
+    logp, ent = mk.token_logprobs(logits[..., lo:hi], ids, return_entropy=True, backend=backend,
+                                  process_group=group)
+    w_logp, w_ent = mk.token_logprobs(logits, ids, return_entropy=True, backend="torch")
+    assert_close(logp, w_logp, 2e-6, 2e-6, "token_logprobs")
+    assert_close(ent, w_ent, 2e-6, 2e-6, "token_logprobs entropy")
+
+
 # Layouts per world size: (sizes, explicit starts or None). Spawning ranks is
 # the slow part, so each world size runs every layout and backend in one group.
 LAYOUTS = {
@@ -92,6 +128,7 @@ def _worker(rank, world, init_file, backends_):
         for backend in backends_:
             for sizes, starts in LAYOUTS[world]:
                 _check_layout(rank, backend, sizes, starts, 0, sent)
+            _check_losses(rank, backend, LAYOUTS[world][0][0])
         if world == 2:
             # O(N) communication: the same bytes for a 10x larger vocabulary
             small = _check_layout(rank, "torch", [32, 32], None, 1, sent)
