@@ -35,7 +35,7 @@ def _native_extensions():
         return [], {}
 
     here = os.path.dirname(os.path.abspath(__file__))
-    csrc = os.path.join("csrc")
+    csrc = "csrc"
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
     cpu_sources = [
         os.path.join(csrc, "mhpo_cpu.cpp"),
@@ -53,8 +53,10 @@ def _native_extensions():
         )
     ]
 
-    cuda_home = cpp_extension.CUDA_HOME
-    nvcc = cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    cuda_home = cpp_extension.CUDA_HOME  # $CUDA_HOME, else guessed from the nvcc on the PATH
+    nvcc = bool(cuda_home) and all(
+        os.path.exists(os.path.join(cuda_home, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime_api.h"))
+    )  # a wrapper nvcc on the PATH makes torch guess a folder that is no toolkit root
     if want_cuda == "1" and not (nvcc and torch.version.cuda):
         raise RuntimeError(
             "MHPO_BUILD_CUDA=1 but no usable CUDA toolkit: set CUDA_HOME to the toolkit root "

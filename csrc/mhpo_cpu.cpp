@@ -108,18 +108,18 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
   float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
   float pr[kNumParams];
   params_to_float(params, pr);
-  const float T = static_cast<float>(temperature), inv_t = 1.0f / T, b = static_cast<float>(beta);
+  const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
 
   at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const char* row = base + n * row_bytes;
       float l = 0.0f, h = 0.0f;
-      rk.fwd(row, V, dt, inv_t, want_entropy, &l, &h);
+      rk.fwd(row, V, dt, T, want_entropy, &l, &h);
       lse[n] = l;
       const int64_t y = tgt[n];
       const bool valid = y != ignore_index;
       TORCH_CHECK(!valid || (y >= 0 && y < V), "mhpo_kernels_C: target id ", y, " out of range [0, ", V, ")");
-      const float lp = valid ? load_scalar(row, y, dt) / T - l : 0.0f;
+      const float lp = valid ? load_scalar(row, y, dt) * (1.0f / T) - l : 0.0f;  // x = z * inv_t everywhere
       logp[n] = lp;
       if (ent != nullptr) ent[n] = valid ? h : 0.0f;
       TokenOut o{0.0f, 0.0f};

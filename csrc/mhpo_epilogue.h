@@ -57,6 +57,8 @@ MHPO_HD SoftmaxState softmax_state_merge(SoftmaxState a, SoftmaxState b, float i
   return {m, a.s + b.s, a.t + b.t};
 }
 
+// Every kernel scales logits as x = z * inv_t (one rounding, the same everywhere),
+// so log p = z * inv_t - lse is exactly 0 where it should be (V == 1).
 MHPO_HD void softmax_state_finalize(SoftmaxState a, float inv_t, float* lse, float* entropy) {
   const float log_s = logf(a.s);
   *lse = a.m * inv_t + log_s;

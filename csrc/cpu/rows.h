@@ -14,7 +14,7 @@ namespace mhpo::cpu {
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 // lse and entropy of one row x = row / T (entropy left untouched when !want_entropy).
-using FwdRowFn = void (*)(const void* row, int64_t V, int dtype, float inv_t, bool want_entropy,
+using FwdRowFn = void (*)(const void* row, int64_t V, int dtype, float T, bool want_entropy,
                           float* lse, float* entropy);
 
 // out[v] = (-dlogp * p - dent * p * (log p + H)) / T for every v (no one-hot term:
