@@ -88,7 +88,7 @@ inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::m
 
 FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
-               double temperature, int64_t ignore_index, bool want_entropy) {
+               double temperature, int64_t ignore_index, bool want_entropy, int64_t vocab_start) {
   check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
   auto out = alloc_fwd(logits, want_entropy);
   auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
@@ -116,10 +116,9 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
       float l = 0.0f, h = 0.0f;
       rk.fwd(row, V, dt, T, want_entropy, &l, &h);
       lse[n] = l;
-      const int64_t y = tgt[n];
-      const bool valid = y != ignore_index;
-      TORCH_CHECK(!valid || (y >= 0 && y < V), "mhpo_kernels_C: target id ", y, " out of range [0, ", V, ")");
-      const float lp = valid ? load_scalar(row, y, dt) * (1.0f / T) - l : 0.0f;  // x = z * inv_t everywhere
+      const int64_t y = tgt[n], yl = y - vocab_start;  // this buffer holds ids [vocab_start, vocab_start + V)
+      const bool valid = y != ignore_index, owned = valid && yl >= 0 && yl < V;
+      const float lp = owned ? load_scalar(row, yl, dt) * (1.0f / T) - l : 0.0f;  // x = z * inv_t everywhere
       logp[n] = lp;
       if (ent != nullptr) ent[n] = valid ? h : 0.0f;
       TokenOut o{0.0f, 0.0f};
@@ -136,7 +135,7 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
 
 void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
              const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-             const Tensor& out) {
+             const Tensor& out, int64_t vocab_start) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return;
@@ -163,16 +162,18 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
         std::memset(orow, 0, V * esz);  // +0.0 in every float format
         continue;
       }
-      TORCH_CHECK(y >= 0 && y < V, "mhpo_kernels_C: target id ", y, " out of range [0, ", V, ")");
-      const float zy = load_scalar(row, y, dt);  // read before the row is (maybe) overwritten
+      const int64_t yl = y - vocab_start;
+      const bool owned = yl >= 0 && yl < V;  // else the target is in another vocabulary shard
+      const float zy = owned ? load_scalar(row, yl, dt) : 0.0f;  // read before the row is (maybe) overwritten
       const float l = lse_p[n], dl = dl_p[n];
       const float h = has_ent ? ent_p[n] : 0.0f, de = has_ent ? de_p[n] : 0.0f;
       rk.bwd(row, orow, V, dt, inv_t, l, h, dl, de, has_ent);
+      if (!owned) continue;
       // the target element gets the one-hot term
       const float lp = zy * inv_t - l, p = std::exp(lp);
       float g = dl * (1.0f - p);
       if (has_ent && p > 0.0f) g -= de * p * (lp + h);
-      store_scalar(orow, y, dt, g * inv_t);
+      store_scalar(orow, yl, dt, g * inv_t);
     }
   });
 }
@@ -180,14 +181,14 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
 // ---- Meta: shapes only (FakeTensor / torch.compile) ----
 FwdOut fwd_meta(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                 const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
-                double temperature, int64_t ignore_index, bool want_entropy) {
+                double temperature, int64_t ignore_index, bool want_entropy, int64_t vocab_start) {
   check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
   return alloc_fwd(logits, want_entropy);
 }
 
 void bwd_meta(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
               const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-              const Tensor& out) {
+              const Tensor& out, int64_t vocab_start) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
 }
 
@@ -197,11 +198,11 @@ void bwd_meta(const Tensor& logits, const Tensor& target, const Tensor& lse, con
 TORCH_LIBRARY(mhpo_kernels_C, m) {
   m.def(
       "fwd(Tensor logits, Tensor target, Tensor old, Tensor adv, Tensor mask, Tensor? ref, int mode, "
-      "float[] params, float beta, float temperature, int ignore_index, bool want_entropy) "
+      "float[] params, float beta, float temperature, int ignore_index, bool want_entropy, int vocab_start=0) "
       "-> (Tensor logp, Tensor entropy, Tensor lse, Tensor loss, Tensor coef)");
   m.def(
       "bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, Tensor dlogp, Tensor? dent, "
-      "float temperature, int ignore_index, Tensor(a!) out) -> ()");
+      "float temperature, int ignore_index, Tensor(a!) out, int vocab_start=0) -> ()");
   m.def("cpu_isa() -> str", &mhpo::cpu_isa);
 }
 

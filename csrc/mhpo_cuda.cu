@@ -143,10 +143,10 @@ __global__ void __launch_bounds__(kBlock) fwd_kernel(const FwdArgs a) {
   for (int64_t row = static_cast<int64_t>(blockIdx.x) * RPB + threadIdx.x / TPR; row < a.N;
        row += static_cast<int64_t>(gridDim.x) * RPB) {
     const S* p = static_cast<const S*>(a.logits) + row * a.row_stride;
-    const int64_t y = a.target[row];
-    const bool valid = y != a.ignore_index;
+    const int64_t y = a.target[row], yl = y - a.vocab_start;
+    const bool valid = y != a.ignore_index, owned = valid && yl >= 0 && yl < V;  // never read out of bounds
     float zy = 0.0f;
-    if (lane == 0 && valid) zy = (y >= 0 && y < V) ? E::to_f(p[y]) : NAN;  // never read out of bounds
+    if (lane == 0 && owned) zy = E::to_f(p[yl]);
 
     SoftmaxState st = softmax_state_empty();
     const Segments g = segments<S, VEC>(p, V, true);
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kBlock) fwd_kernel(const FwdArgs a) {
     if (lane == 0) {
       float lse, h;
       softmax_state_finalize(st, inv_t, &lse, &h);
-      const float lp = valid ? zy * inv_t - lse : 0.0f;
+      const float lp = owned ? zy * inv_t - lse : 0.0f;
       a.lse[row] = lse;
       a.logp[row] = lp;
       if (ENT) a.entropy[row] = valid ? h : 0.0f;
@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(const BwdArgs a) {
     }
     const float lse = a.lse[row], dl = a.dlogp[row];
     const float H = ENT ? a.entropy[row] : 0.0f, de = ENT ? a.dent[row] : 0.0f;
-    const int yi = (y >= 0 && y < V) ? static_cast<int>(y) : -1;
+    const int64_t yl = y - a.vocab_start;  // -1: the target is in another vocabulary shard
+    const int yi = (yl >= 0 && yl < V) ? static_cast<int>(yl) : -1;
     auto grad = [&](float z, int v) {
       const float lp = z * inv_t - lse;
       const float pv = __expf(lp);

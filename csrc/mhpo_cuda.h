@@ -22,6 +22,7 @@ struct FwdArgs {
   float params[8];
   float beta, temperature;
   int64_t ignore_index;
+  int64_t vocab_start;  // the buffer holds vocabulary ids [vocab_start, vocab_start + V)
 };
 
 struct BwdArgs {
@@ -35,6 +36,7 @@ struct BwdArgs {
   const float *lse, *entropy, *dlogp, *dent;  // entropy / dent null: no entropy term
   float temperature;
   int64_t ignore_index;
+  int64_t vocab_start;  // the buffer holds vocabulary ids [vocab_start, vocab_start + V)
 };
 
 // Both return the launch's cudaGetLastError().

@@ -30,7 +30,7 @@ int num_sms(int device) {
 
 FwdOut fwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                 const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
-                double temperature, int64_t ignore_index, bool want_entropy) {
+                double temperature, int64_t ignore_index, bool want_entropy, int64_t vocab_start) {
   check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
   const c10::cuda::CUDAGuard guard(logits.device());
   auto out = alloc_fwd(logits, want_entropy);
@@ -56,6 +56,7 @@ FwdOut fwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& old, c
   a.beta = static_cast<float>(beta);
   a.temperature = static_cast<float>(temperature);
   a.ignore_index = ignore_index;
+  a.vocab_start = vocab_start;
   const int dev = logits.get_device();
   C10_CUDA_CHECK(cuda::launch_fwd(a, c10::cuda::getCurrentCUDAStream(dev).stream(), num_sms(dev)));
   return out;
@@ -63,7 +64,7 @@ FwdOut fwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& old, c
 
 void bwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
               const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-              const Tensor& out) {
+              const Tensor& out, int64_t vocab_start) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::BwdArgs a{};
@@ -81,6 +82,7 @@ void bwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& lse, con
   a.dent = dent.has_value() ? dent->const_data_ptr<float>() : nullptr;
   a.temperature = static_cast<float>(temperature);
   a.ignore_index = ignore_index;
+  a.vocab_start = vocab_start;
   const int dev = logits.get_device();
   C10_CUDA_CHECK(cuda::launch_bwd(a, c10::cuda::getCurrentCUDAStream(dev).stream(), num_sms(dev)));
 }

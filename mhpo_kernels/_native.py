@@ -45,19 +45,20 @@ class _Backend:
         return f"<mhpo_kernels native backend {self.name!r}>"
 
     @staticmethod
-    def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy):
+    def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy,
+            vocab_start=0):
         """-> (logp, entropy, lse, loss, coef), [N] float32 each (entropy [0] when not wanted)."""
         return torch.ops.mhpo_kernels_C.fwd(
             logits, target, old, adv, mask, ref, int(mode), [float(p) for p in params], float(beta),
-            float(temperature), int(ignore_index), bool(want_entropy),
+            float(temperature), int(ignore_index), bool(want_entropy), int(vocab_start),
         )
 
     @staticmethod
-    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out):
+    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
         """Writes d loss / d logits into ``out`` ([N, V], logits dtype; may be ``logits``) and returns it."""
         torch.ops.mhpo_kernels_C.bwd(
             logits, target, lse, entropy if dent is not None else None, dlogp, dent,
-            float(temperature), int(ignore_index), out,
+            float(temperature), int(ignore_index), out, int(vocab_start),
         )
         return out
 

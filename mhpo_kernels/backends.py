@@ -80,6 +80,8 @@ def _load(name: str):
 def _supports(name: str, device: torch.device) -> bool:
     if _load(name) is None:
         return False
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
     if name == "triton":
         return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
     return device.type == name
