@@ -1,0 +1,74 @@
+"""A small case for ``compute-sanitizer --tool memcheck``: every GPU backend, odd shapes, fwd + bwd.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitizer_case.py
+
+Odd V (not a multiple of any block), ignore_index and masked rows, KL and
+entropy, both gradient paths (new buffer and in-place), strided rows. Each
+result is also compared with the reference, so the run fails on a wrong value as
+well as on an out-of-bounds access. Without a GPU it runs the same on CPU
+backends (``--device cpu``), which checks the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+import mhpo_kernels as mk
+
+CASES = [((1,), 1), ((37,), 1031), ((3, 5), 4099), ((17,), 32781)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="the two smallest shapes only")
+    a = ap.parse_args(argv)
+    cases = CASES[:2] if a.quick else CASES
+    device = torch.device(a.device)
+    backends = [b for b in mk.available_backends(device) if b != "torch"]
+    if device.type == "cpu":
+        backends = [b for b in backends if b != "triton"]  # the interpreter is not what memcheck is for
+    print(f"sanitizer case on {device}: backends {backends}")
+    bad = 0
+    for bi, backend in enumerate(backends):
+        for ci, (shape, V) in enumerate(cases):
+            for dtype in (torch.bfloat16, torch.float32):
+                for inplace in (False, True):
+                    g = torch.Generator().manual_seed(100 * bi + 10 * ci)
+                    wide = (torch.randn(*shape, V + 3, generator=g) * 2).to(dtype)
+                    logits = wide[..., :V].to(device)  # rows strided by V + 3
+                    ids = torch.randint(0, V, shape, generator=g)
+                    ids.view(-1)[::4] = -100
+                    old = torch.randn(shape, generator=g) - 5
+                    adv = torch.randn(shape, generator=g)
+                    mask = (torch.rand(shape, generator=g) > 0.2).float()
+                    ref = old + 0.1 * torch.randn(shape, generator=g)
+                    ids, old, adv, mask, ref = (t.to(device) for t in (ids, old, adv, mask, ref))
+                    kw = dict(ref_logprobs=ref, beta=0.05, return_entropy=True, temperature=0.9)
+                    x = logits.detach().clone().requires_grad_(True)
+                    x_ref = logits.detach().double().requires_grad_(True)
+                    out = mk.mhpo_loss(x.clone() if inplace else x, ids, old, adv, mask, backend=backend,
+                                       inplace_backward=inplace, **kw)
+                    (out.loss + 0.01 * out.entropy.sum()).backward()
+                    want = mk.reference.mhpo_loss(x_ref, ids, old.double(), adv.double(), mask.double(),
+                                                  ref_logprobs=ref.double(), beta=0.05, return_entropy=True,
+                                                  temperature=0.9)
+                    (want.loss + 0.01 * want.entropy.sum()).backward()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+                    scale = max(x_ref.grad.abs().max().item(), 1e-12)
+                    err = (x.grad.double() - x_ref.grad).abs().max().item() / scale
+                    lerr = abs(out.loss.item() - want.loss.item()) / max(abs(want.loss.item()), 1e-6)
+                    ok = err <= tol and lerr <= 1e-4 and torch.isfinite(x.grad).all().item()
+                    bad += not ok
+                    print(f"  {backend:6s} shape={shape} V={V} {str(dtype)[6:]:8s} inplace={inplace!s:5s} "
+                          f"grad err {err:.1e} loss err {lerr:.1e} {'ok' if ok else 'FAIL'}")
+    print(f"{'FAIL' if bad else 'OK'}: {bad} failing case(s)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
