@@ -23,16 +23,21 @@ __all__ = [
 ]
 
 
-def token_logprobs_entropy(logits2d, target, temperature, ignore_index, dtype=torch.float32):
-    """logp_n = z_n[y_n]/T - logsumexp(z_n/T) and H_n = -sum_v p log p; 0 on ignored rows."""
+def token_logprobs_entropy(logits2d, target, temperature, ignore_index, dtype=torch.float32, want_entropy=True):
+    """logp_n = z_n[y_n]/T - logsumexp(z_n/T) and H_n = -sum_v p log p; 0 on ignored rows.
+
+    The entropy is None when not wanted (it costs three more [N, V] passes here).
+    """
     z = logits2d.to(dtype) / temperature
     valid = target != ignore_index
     logp_all = F.log_softmax(z, dim=-1)
     logp = logp_all.gather(1, torch.where(valid, target, 0)[:, None]).squeeze(1)
-    p = logp_all.exp()
-    entropy = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)
     zero = torch.zeros_like(logp)
-    return torch.where(valid, logp, zero), torch.where(valid, entropy, zero)
+    entropy = None
+    if want_entropy:
+        p = logp_all.exp()
+        entropy = torch.where(valid, -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1), zero)
+    return torch.where(valid, logp, zero), entropy
 
 
 def lfm(delta, cfg: MHPOConfig):
@@ -95,7 +100,8 @@ def policy_loss_reference(
     )
     if not torch.compiler.is_compiling():
         check_target_ids(x.target, x.logits.shape[-1], ignore_index)
-    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype)
+    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
+                                           want_entropy=return_entropy)
 
     active = x.mask != 0
     zero = torch.zeros_like(logp)
@@ -277,7 +283,8 @@ def policy_loss(
         check_cu_seqlens(cu_seqlens, x.target.numel(), logits.device)
     if not torch.compiler.is_compiling():
         check_target_ids(x.target, x.logits.shape[-1], ignore_index)
-    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype)
+    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
+                                           want_entropy=return_entropy)
     loss, metrics = _policy_loss_flat(
         logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
         entropy if return_entropy else None,
@@ -313,7 +320,8 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
     x = prepare_targets(logits, target_ids, temperature, ignore_index)
     if not torch.compiler.is_compiling():
         check_target_ids(x.target, x.logits.shape[-1], ignore_index)
-    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype)
+    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
+                                           want_entropy=return_entropy)
     return (logp.reshape(x.shape), entropy.reshape(x.shape)) if return_entropy else logp.reshape(x.shape)
 
 
