@@ -177,3 +177,15 @@ def resolve_ratio_control(ratio_control, importance_sampling_level):
     if isinstance(cfg, GSPOConfig) and level != "sequence":
         raise ValueError("GSPOConfig is sequence-level by definition; use ClipConfig for a token-level clip")
     return cfg, level
+
+
+def from_kernel_params(mode: int, params) -> "MHPOConfig | ClipConfig | SAPOConfig":
+    """The token-level config whose ``(kernel_mode, kernel_params())`` is ``(mode, params)``."""
+    p = [float(v) for v in params]
+    if mode == MODE_MHPO:
+        return MHPOConfig(p[0], p[1], p[2], p[3], p[4], use_lfm=p[5] != 0, use_dhp=p[6] != 0)
+    if mode == MODE_CLIP:
+        return ClipConfig(p[0], p[1], dual_clip_c=p[2] or None, delta=p[3] or None)
+    if mode == MODE_SAPO:
+        return SAPOConfig(p[0], p[1])
+    raise ValueError(f"no token-level config for kernel mode {mode}")

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._inputs import check_target_ids
-from .config import KERNEL_PARAMS, MODE_NONE
+from .config import KERNEL_PARAMS, MODE_NONE, from_kernel_params
 
 
 class _TorchShard:
@@ -61,13 +61,14 @@ def _kernels(backend: str):
     return _TorchShard if backend == "torch" else backends.get(backend)
 
 
-def shard_layout(V_local: int, N: int, group, vocab_start_index=None):
+def shard_layout(V_local: int, N: int, group, vocab_start_index=None, chunk_size: int = 0):
     """(vocab_start, V_total) of this rank, checked across the group before any O(N) collective.
 
-    Raises ValueError when the shards do not tile [0, V_total) or N differs across ranks.
+    Raises ValueError when the shards do not tile [0, V_total), or when N (or the
+    chunk size, which sets how many collectives follow) differs across ranks.
     """
     world = dist.get_world_size(group)
-    mine = torch.tensor([V_local, -1 if vocab_start_index is None else int(vocab_start_index), N],
+    mine = torch.tensor([V_local, -1 if vocab_start_index is None else int(vocab_start_index), N, chunk_size],
                         dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
@@ -76,6 +77,9 @@ def shard_layout(V_local: int, N: int, group, vocab_start_index=None):
     counts = [int(t[2]) for t in everyone]
     if len(set(counts)) != 1:
         raise ValueError(f"vocabulary-parallel ranks hold different token counts N: {counts}")
+    chunks = [int(t[3]) for t in everyone]
+    if len(set(chunks)) != 1:
+        raise ValueError(f"vocabulary-parallel ranks use different chunk sizes: {chunks}")
     if all(s == -1 for s in starts):
         starts = [sum(sizes[:r]) for r in range(world)]
     elif any(s == -1 for s in starts):
@@ -92,41 +96,78 @@ def shard_layout(V_local: int, N: int, group, vocab_start_index=None):
     return starts[dist.get_rank(group)], pos
 
 
-class _VocabParallelLogprobs(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, target, temperature, ignore_index, want_entropy, backend, group, start):
-        k = _kernels(backend)
-        N = logits.shape[0]
-        dummy = torch.zeros(N, device=logits.device, dtype=torch.float32)
-        logp_l, ent_l, lse_l, _, _ = k.fwd(logits, target, dummy, dummy, dummy, None, MODE_NONE,
-                                           [0.0] * KERNEL_PARAMS, 0.0, temperature, ignore_index, want_entropy,
-                                           vocab_start=start)
+class ShardedBackend:
+    """The backend contract (``mhpo_kernels.backends``) on a vocabulary shard.
+
+    ``fwd`` runs the base backend's log-prob pass on the shard (MODE_NONE),
+    combines the O(N) statistics across the group, and computes the ratio
+    control's per-token loss and coefficient from the global log-probs in torch
+    (O(N)); it returns global ``(logp, entropy, lse, loss, coef)``, identical on
+    every rank. ``bwd`` is the base backend's, with the global lse / entropy.
+    """
+
+    def __init__(self, base, group, vocab_start):
+        self.base, self.group, self.start = base, group, vocab_start
+
+    def fwd(self, logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index,
+            want_entropy):
+        N, V = logits.shape
+        logp_l, ent_l, lse_l, _, _ = self.base.fwd(
+            logits, target, old, adv, mask, None, MODE_NONE, params, 0.0, temperature, ignore_index,
+            want_entropy, vocab_start=self.start)
         valid = target != ignore_index
-        owned = valid & (target >= start) & (target < start + logits.shape[1])
+        owned = valid & (target >= self.start) & (target < self.start + V)
         M = lse_l.clone()
-        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=self.group)
         e = torch.exp(lse_l - M)
         parts = [e, torch.where(owned, logp_l + lse_l, 0.0)]  # x_y / T, on the owning rank only
         if want_entropy:
             parts.append(e * (lse_l - ent_l))  # exp(lse_r - M) * E_r[x]
         stats = torch.stack(parts)
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         lse = M + torch.log(stats[0])
         logp = torch.where(valid, stats[1] - lse, 0.0)
         entropy = torch.where(valid, lse - stats[2] / stats[0], 0.0) if want_entropy else lse.new_empty(0)
+        loss, coef = torch.zeros_like(lse), torch.zeros_like(lse)
+        if mode != MODE_NONE:  # the kernels' epilogue, in torch, on the global log-probs
+            from .policy import surrogate
+
+            active = valid & (mask != 0)
+            zero = torch.zeros_like(lse)
+            delta = torch.where(active, logp - old, zero)
+            loss, coef = surrogate(delta, torch.where(active, adv, zero), from_kernel_params(mode, params))
+            if ref is not None:
+                d = torch.where(active, ref - logp, zero)
+                em1 = torch.expm1(d)
+                loss, coef = loss + beta * (em1 - d), coef - beta * em1
+            loss, coef = torch.where(active, loss, zero), torch.where(active, coef, zero)
+        return logp, entropy, lse, loss, coef
+
+    def bwd(self, logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out):
+        return self.base.bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out,
+                             vocab_start=self.start)
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, temperature, ignore_index, want_entropy, backend, group, start):
+        k = ShardedBackend(_kernels(backend), group, start)
+        dummy = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
+        logp, entropy, lse, _, _ = k.fwd(logits, target, dummy, dummy, dummy, None, MODE_NONE,
+                                         [0.0] * KERNEL_PARAMS, 0.0, temperature, ignore_index, want_entropy)
         ctx.save_for_backward(logits, target, lse, entropy)
-        ctx.args = (temperature, ignore_index, want_entropy, backend, start)
+        ctx.args = (temperature, ignore_index, want_entropy, k)
         return logp, entropy
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
         logits, target, lse, entropy = ctx.saved_tensors
-        temperature, ignore_index, want_entropy, backend, start = ctx.args
+        temperature, ignore_index, want_entropy, k = ctx.args
         dlogp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
         dent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
         grad = torch.empty_like(logits)
-        _kernels(backend).bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent,
-                              temperature, ignore_index, grad, vocab_start=start)
+        k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature,
+              ignore_index, grad)
         return grad, None, None, None, None, None, None, None
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -97,7 +98,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, old, adv, mask, ref, agg_w, opts):
-        be = backends.get(opts["backend"])
+        be = _chunk_backend(opts)
         N, V = hidden.shape[0], weight.shape[0]
         want_ent, T, ii = opts["return_entropy"], opts["temperature"], opts["ignore_index"]
         # needs_input_grad ignores no_grad mode: the caller records whether grad mode was on
@@ -124,6 +125,8 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
                 be.bwd(z, target[r], lse[r], None, (agg_w[r] * coef[r]).contiguous(), None, T, ii, z)
                 _linear_grads(z, h, weight, grad_h, acc_w, acc_b, r)
             del z
+        if grad_h is not None and opts["group"] is not None:
+            dist.all_reduce(grad_h, group=opts["group"])  # every vocabulary shard contributes to d hidden
         ctx.grads = (
             grad_h,
             None if acc_w is None else acc_w.to(weight.dtype),
@@ -160,7 +163,7 @@ def _recompute_grads(ctx, g_loss, g_ent):
     """Gradients of g_loss * loss + sum(g_ent * entropy): one more chunked pass over recomputed logits."""
     hidden, weight, bias, target, lse, entropy, dloss_dlogp = ctx.saved_tensors
     opts = ctx.opts
-    be = backends.get(opts["backend"])
+    be = _chunk_backend(opts)
     dlogp = dloss_dlogp * g_loss if g_loss is not None else torch.zeros_like(lse)
     dent = g_ent.float().contiguous()
     need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -177,11 +180,22 @@ def _recompute_grads(ctx, g_loss, g_ent):
                opts["ignore_index"], z)
         _linear_grads(z, h, weight, grad_h, acc_w, acc_b, r)
         del z
+    if grad_h is not None and opts["group"] is not None:
+        dist.all_reduce(grad_h, group=opts["group"])
     return (
         grad_h,
         None if acc_w is None else acc_w.to(weight.dtype),
         None if acc_b is None else acc_b.to(weight.dtype),
     )
+
+
+def _chunk_backend(opts):
+    """The backend's launchers; on a vocabulary shard, wrapped to combine statistics across ranks."""
+    if opts["group"] is None:
+        return backends.get(opts["backend"])
+    from .distributed import ShardedBackend, _kernels
+
+    return ShardedBackend(_kernels(opts["backend"]), opts["group"], opts["vocab_start"])
 
 
 def _ratio_control(config, ratio_control):
@@ -203,7 +217,8 @@ def _ratio_control(config, ratio_control):
 def fused_linear_mhpo_loss(
     hidden, weight, target_ids, old_logprobs, advantages, mask=None, *, bias=None, chunk_size=None,
     config=None, temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100, ref_logprobs=None,
-    beta=0.0, return_entropy=False, backend="auto", ratio_control=None,
+    beta=0.0, return_entropy=False, backend="auto", ratio_control=None, process_group=None,
+    vocab_start_index=None,
 ) -> MHPOOutput:
     """Policy loss of ``hidden @ weight.T + bias`` without materialising the ``[N, V]`` logits.
 
@@ -229,6 +244,13 @@ def fused_linear_mhpo_loss(
         return_entropy: also return the per-token entropy. It is differentiable;
             backpropagating through it costs one more chunked pass (the logits
             are recomputed), while the loss alone needs none.
+        process_group, vocab_start_index: a vocabulary-parallel lm_head (tensor
+            parallelism): ``weight`` (and ``bias``) hold this rank's vocabulary
+            rows ``[vocab_start_index, vocab_start_index + V_local)`` (default:
+            after the rows of lower ranks), ``hidden`` is replicated. Per chunk
+            only O(chunk) statistics are all-reduced; the gradient of ``hidden``
+            is all-reduced once (O(N * H)); each rank gets its weight shard's
+            gradient. ``chunk_size`` must agree across ranks (checked).
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``.
@@ -250,16 +272,17 @@ def fused_linear_mhpo_loss(
     ratio_control = _ratio_control(config, ratio_control)
     _check_linear(hidden, weight, bias)
     name = backends.resolve(backend, hidden.device)
+    sharded = process_group is not None
     common = dict(
         ratio_control=ratio_control, temperature=temperature, loss_agg_mode=loss_agg_mode,
         ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
     )
-    if name == "torch":
+    if name == "torch" and not sharded:
         return reference.policy_loss(
             F.linear(hidden, weight, bias), target_ids, old_logprobs, advantages, mask,
             importance_sampling_level="token", **common
         )
-    if hidden.dtype not in _HIDDEN_DTYPES:
+    if hidden.dtype not in _HIDDEN_DTYPES and name != "torch":
         raise TypeError(f"backend {name!r} takes float32 / bfloat16 / float16 hidden states, got {hidden.dtype}; "
                         "use backend='torch' for float64")
     V, H = weight.shape
@@ -267,20 +290,26 @@ def fused_linear_mhpo_loss(
         chunk_size = default_chunk_size(V, H, hidden.device.type)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    start, V_total = 0, V
+    if sharded:
+        from .distributed import shard_layout
+
+        N = math.prod(hidden.shape[:-1])
+        start, V_total = shard_layout(V, N, process_group, vocab_start_index, chunk_size)
     # a [.., V] view of V elements stands in for the logits: prepare() validates and flattens the rest
-    proxy = torch.zeros(V, device=hidden.device, dtype=hidden.dtype).expand(*hidden.shape[:-1], V)
+    proxy = torch.zeros(V_total, device=hidden.device, dtype=hidden.dtype).expand(*hidden.shape[:-1], V_total)
     x = prepare(
         proxy, target_ids, old_logprobs, advantages, mask, temperature=temperature,
         loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
         beta=beta, compute_dtype=torch.float32,
     )
-    check_target_ids(x.target, V, ignore_index)
+    check_target_ids(x.target, V_total, ignore_index)
     agg_w = aggregation_weights(x.mask, x.seq_shape, loss_agg_mode)
     opts = dict(
         backend=name, mode=ratio_control.kernel_mode, params=list(ratio_control.kernel_params()),
         beta=float(beta), temperature=float(temperature), ignore_index=int(ignore_index),
         return_entropy=bool(return_entropy), chunk_size=chunk_size,
-        grad_enabled=torch.is_grad_enabled(),
+        grad_enabled=torch.is_grad_enabled(), group=process_group, vocab_start=start,
     )
     h2d = hidden.reshape(-1, H)
     if h2d.numel() and h2d.stride(-1) != 1:
@@ -319,6 +348,8 @@ class MHPOLinearLoss(nn.Module):
     mixed-precision input casts never touch the float32 log-probs and
     advantages). Call it inside the model's forward like the lm_head itself;
     forward hooks that expect logits from the lm_head see an MHPOOutput instead.
+    A vocabulary-parallel lm_head takes ``process_group=`` (and optionally
+    ``vocab_start_index=``) like :func:`fused_linear_mhpo_loss`.
 
     Example::
 

@@ -105,6 +105,50 @@ def _check_losses(rank, backend, sizes):
     assert_close(ent, w_ent, 2e-6, 2e-6, "token_logprobs entropy")
 
 
+def _check_fused_linear(rank, backend, sizes, sent=None):
+    """fused_linear_mhpo_loss on a vocabulary-sharded lm_head vs the unsharded reference: the
+    gradients precomputed in the forward (loss only) and recomputed (through the entropy too)."""
+    return [_check_fused_linear_once(rank, backend, sizes, sent, through_entropy) for through_entropy in (False, True)]
+
+
+def _check_fused_linear_once(rank, backend, sizes, sent, through_entropy):
+    from util import make_case
+
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    V, H = sum(sizes), 16
+    g = torch.Generator().manual_seed(6)
+    hidden, W, b = torch.randn(3, 7, H, generator=g), torch.randn(V, H, generator=g) * 0.3, torch.randn(V, generator=g)
+    _, ids, old, adv, mask, ref = make_case((3, 7), V, torch.float32, seed=6)
+    with torch.no_grad():  # old / ref log-probs near the model's own: ratios around 1
+        lp = torch.log_softmax(hidden @ W.T + b, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
+        old = torch.where(torch.isfinite(old), lp + 0.3 * torch.randn(3, 7, generator=g), old)
+    g_ent = torch.randn(3, 7, generator=g)
+    kw = dict(ref_logprobs=ref, beta=0.1, return_entropy=True, loss_agg_mode="seq-mean-token-sum",
+              temperature=0.8, ratio_control=mk.ClipConfig(0.2, 0.28, dual_clip_c=3.0))
+    results = []
+    for sharded in (False, True):
+        h = hidden.clone().requires_grad_()
+        w = (W[lo:hi] if sharded else W).clone().requires_grad_()
+        bb = (b[lo:hi] if sharded else b).clone().requires_grad_()
+        if sharded:
+            if sent is not None:
+                sent.clear()
+            out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, bias=bb, backend=backend, chunk_size=5,
+                                            process_group=dist.group.WORLD, **kw)
+        else:
+            out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, bias=bb, backend="torch", **kw)
+        (out.loss + (out.entropy * g_ent).sum() if through_entropy else out.loss).backward()
+        results.append((out, h.grad, w.grad[lo:hi] if not sharded else w.grad, bb.grad[lo:hi] if not sharded else bb.grad))
+    (want, wh, ww, wb), (got, gh, gw, gb) = results
+    where = f"fused-linear {backend} sizes={sizes} rank {rank} through_entropy={through_entropy}"
+    assert_close(got.loss, want.loss, 2e-6, 2e-6, f"loss {where}")
+    assert_close(got.logprobs, want.logprobs, 2e-6, 2e-6, f"logprobs {where}")
+    assert_close(got.entropy, want.entropy, 2e-6, 2e-6, f"entropy {where}")
+    for name, a, e in (("hidden", gh, wh), ("weight shard", gw, ww), ("bias shard", gb, wb)):
+        assert_close(a, e, 1e-5, 1e-5, f"grad {name} {where}")
+    return None if sent is None else sum(sent)
+
+
 # Layouts per world size: (sizes, explicit starts or None). Spawning ranks is
 # the slow part, so each world size runs every layout and backend in one group.
 LAYOUTS = {
@@ -129,11 +173,15 @@ def _worker(rank, world, init_file, backends_):
             for sizes, starts in LAYOUTS[world]:
                 _check_layout(rank, backend, sizes, starts, 0, sent)
             _check_losses(rank, backend, LAYOUTS[world][0][0])
+            _check_fused_linear(rank, backend, LAYOUTS[world][0][0])
         if world == 2:
             # O(N) communication: the same bytes for a 10x larger vocabulary
             small = _check_layout(rank, "torch", [32, 32], None, 1, sent)
             large = _check_layout(rank, "torch", [320, 320], None, 1, sent)
             assert small == large == (1 + 3) * N * 4, (small, large)  # lse max, then [3, N] fp32 sums
+            fl_small = _check_fused_linear(rank, "torch", [32, 32], sent)
+            fl_large = _check_fused_linear(rank, "torch", [320, 320], sent)
+            assert fl_small == fl_large, (fl_small, fl_large)  # chunk statistics + grad_hidden: no V term
             for case in ("gap", "overlap", "n_mismatch"):
                 _check_bad(rank, case)
     finally:
