@@ -10,7 +10,6 @@ clip mode (``mk.policy_loss(ratio_control=mk.ClipConfig())``, once it exists).
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 

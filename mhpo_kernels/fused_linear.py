@@ -30,7 +30,7 @@ from torch import nn
 from . import backends, reference
 from ._inputs import MHPOOutput, aggregation_weights, check_target_ids, prepare
 from .config import MHPOConfig, resolve_ratio_control
-from .metrics import policy_metrics
+from .metrics import metrics_from_logprobs
 
 __all__ = ["fused_linear_mhpo_loss", "MHPOLinearLoss", "default_chunk_size"]
 
@@ -317,16 +317,8 @@ def fused_linear_mhpo_loss(
     loss, logp, entropy = _FusedLinearPolicyLoss.apply(
         h2d, weight, bias, x.target, x.old, x.adv, x.mask, x.ref, agg_w, opts
     )
-    with torch.no_grad():
-        active = x.mask != 0
-        zero = torch.zeros_like(x.old)
-        delta = torch.where(active, logp - x.old, zero)
-        kl = None
-        if x.ref is not None:
-            d = torch.where(active, x.ref - logp, zero)
-            kl = torch.expm1(d) - d
-        adv = torch.where(active, x.adv, zero)
-    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl, adv=adv)
+    metrics = metrics_from_logprobs(ratio_control, logp, x.old, x.adv, x.mask, x.ref,
+                                    entropy if return_entropy else None)
     return MHPOOutput(loss, logp.reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics)
 
 

@@ -1,7 +1,7 @@
 """Public entry point of the MHPO loss (the policy-loss family is in :mod:`policy`)."""
 from __future__ import annotations
 
-from ._inputs import MHPOOutput, aggregation_weights  # noqa: F401  (re-exported)
+from ._inputs import MHPOOutput
 from .config import MHPOConfig
 from .policy import policy_loss
 

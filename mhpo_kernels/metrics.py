@@ -71,3 +71,17 @@ def policy_metrics(cfg, delta, active, entropy=None, kl=None, adv=None) -> dict:
     if kl is not None:
         out["kl_ref"] = _mean(kl.detach().float(), active, n)
     return out
+
+
+@torch.no_grad()
+def metrics_from_logprobs(cfg, logp, old, adv, mask, ref=None, entropy=None) -> dict:
+    """:func:`policy_metrics` of token-level log-probs over prepared [N] inputs
+    (old / adv / ref may hold inf or NaN where ``mask == 0``)."""
+    active = mask != 0
+    zero = torch.zeros_like(old)
+    delta = torch.where(active, logp - old, zero)
+    kl = None
+    if ref is not None:
+        d = torch.where(active, ref - logp, zero)
+        kl = torch.expm1(d) - d  # k3, accurate near d = 0
+    return policy_metrics(cfg, delta, active, entropy, kl, adv=torch.where(active, adv, zero))

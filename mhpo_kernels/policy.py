@@ -24,7 +24,7 @@ from .config import (
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_NONE, ClipConfig, GSPOConfig, MHPOConfig,
     SAPOConfig, resolve_ratio_control,
 )
-from .metrics import policy_metrics
+from .metrics import metrics_from_logprobs, policy_metrics
 
 __all__ = ["policy_loss", "policy_loss_from_logprobs", "token_logprobs", "surrogate"]
 
@@ -254,15 +254,7 @@ def policy_loss(
     ent = entropy if return_entropy else None
     if token:  # the epilogue gave the per-token loss and its coefficient
         loss = (loss_tok * seqs.weights(x.mask, loss_agg_mode)).sum()
-        with torch.no_grad():
-            active = x.mask != 0
-            zero = torch.zeros_like(x.old)
-            delta = torch.where(active, logp - x.old, zero)
-            kl = None
-            if x.ref is not None:
-                d = torch.where(active, x.ref - logp, zero)
-                kl = torch.expm1(d) - d
-            metrics = policy_metrics(cfg, delta, active, ent, kl, adv=torch.where(active, x.adv, zero))
+        metrics = metrics_from_logprobs(cfg, logp, x.old, x.adv, x.mask, x.ref, ent)
     else:
         loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, seqs, loss_agg_mode, ent)
     return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,

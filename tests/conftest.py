@@ -33,6 +33,20 @@ def assert_close(actual, expected, atol_rel, rtol, what="", floor=1e-30):
     assert worst <= 0, f"{what}: max err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
 
 
+def assert_compiled_matches_eager(f, logits):
+    """f(z) -> (loss, metric): torch.compile(f, fullgraph=True) gives eager's loss, metric and gradient."""
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        loss, metric = fn(z)
+        loss.backward()
+        results.append((loss.detach(), metric, z.grad))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert_close(l1, l0, *SCALAR_TOL, "loss")
+    assert_close(s1, s0, *SCALAR_TOL, "metric")
+    assert_close(g1, g0, *TOL[torch.float32], "grad")
+
+
 @pytest.fixture(autouse=True)
 def nan_poison(monkeypatch):
     """torch.empty* returns NaN-filled float tensors, so an unwritten output fails loudly."""

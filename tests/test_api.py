@@ -5,7 +5,7 @@ import torch
 import mhpo_kernels as mk
 from mhpo_kernels import _ops, backends
 
-from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from conftest import DEVICE, TOL, assert_close, assert_compiled_matches_eager
 from util import make_case
 
 FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
@@ -129,16 +129,7 @@ def test_compile_fullgraph_matches_eager(backend, no_poison):
                            loss_agg_mode="seq-mean-token-mean", temperature=0.8)
         return out.loss + 0.01 * out.entropy.sum(), out.metrics["survival_mean"]
 
-    results = []
-    for fn in (f, torch.compile(f, fullgraph=True)):
-        z = logits.clone().requires_grad_()
-        loss, surv = fn(z)
-        loss.backward()
-        results.append((loss.detach(), surv, z.grad))
-    (l0, s0, g0), (l1, s1, g1) = results
-    assert_close(l1, l0, *SCALAR_TOL, "loss")
-    assert_close(s1, s0, *SCALAR_TOL, "metric")
-    assert_close(g1, g0, *TOL[torch.float32], "grad")
+    assert_compiled_matches_eager(f, logits)
 
 
 @pytest.mark.parametrize("backend", FUSED)

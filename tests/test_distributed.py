@@ -40,6 +40,7 @@ def _check_layout(rank, backend, sizes, starts, seed, sent):
     v_total = sum(sizes)
     logits, ids, g_logp, g_ent = full_case(seed, v=v_total)
     lo = starts[rank] if starts else sum(sizes[:rank])
+    assert ((ids >= lo) & (ids < lo + sizes[rank])).any(), "every shard should own some targets"
     shard = logits[:, lo:lo + sizes[rank]].clone().requires_grad_()
     sent.clear()
     logp, ent, start, vt = vocab_parallel_logprobs(shard, ids, group=None, temperature=0.7, return_entropy=True,
