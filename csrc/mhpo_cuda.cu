@@ -105,8 +105,13 @@ __device__ __forceinline__ Segments segments(const void* p, int V, bool vector_o
 template <bool ENT, int K>
 __device__ __forceinline__ void fold(SoftmaxState& st, const float* z, float inv_t) {
   float gm = z[0];
+  bool nan = z[0] != z[0];
 #pragma unroll
-  for (int k = 1; k < K; ++k) gm = fmaxf(gm, z[k]);
+  for (int k = 1; k < K; ++k) gm = fmaxf(gm, z[k]), nan |= z[k] != z[k];
+  if (nan) {  // fmaxf drops NaN: poison the state instead (merges and rescales keep s = NaN)
+    st.s = NAN;
+    return;
+  }
   if (gm > st.m) softmax_state_rescale(st, gm, inv_t);
   if (st.m == -INFINITY) return;  // only -inf so far
 #pragma unroll

@@ -21,7 +21,8 @@ def fused_fwd(
     mode: int, params: List[float], beta: float, temperature: float, ignore_index: int,
     want_entropy: bool, inplace_backward: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_target_ids(target, logits.shape[1], ignore_index)  # before any launch, also under compile
+    if not (target.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync cannot be captured
+        check_target_ids(target, logits.shape[1], ignore_index)  # before any launch, also under compile
     return backends.get(backend).fwd(
         logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy
     )

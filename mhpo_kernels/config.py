@@ -63,6 +63,9 @@ class MHPOConfig:
         for name in ("use_lfm", "use_dhp"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.use_dhp and not self.use_lfm and self.k_pos <= 1:
+            # DHP only: exp(delta - (softplus(delta)/lam_pos)^k_pos) grows without bound for k_pos <= 1
+            raise ValueError(f"DHP only (use_lfm=False) needs k_pos > 1 for a bounded surrogate, got {self.k_pos}")
 
     kernel_mode = MODE_MHPO
 

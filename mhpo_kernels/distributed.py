@@ -68,8 +68,10 @@ def shard_layout(V_local: int, N: int, group, vocab_start_index=None, chunk_size
     chunk size, which sets how many collectives follow) differs across ranks.
     """
     world = dist.get_world_size(group)
+    # NCCL has no CPU backend: the layout travels on this rank's GPU there
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     mine = torch.tensor([V_local, -1 if vocab_start_index is None else int(vocab_start_index), N, chunk_size],
-                        dtype=torch.int64)
+                        dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
     sizes = [int(t[0]) for t in everyone]
@@ -122,7 +124,7 @@ class ShardedBackend:
         e = torch.exp(lse_l - M)
         parts = [e, torch.where(owned, logp_l + lse_l, 0.0)]  # x_y / T, on the owning rank only
         if want_entropy:
-            parts.append(e * (lse_l - ent_l))  # exp(lse_r - M) * E_r[x]
+            parts.append(torch.where(e > 0, e * (lse_l - ent_l), 0.0))  # exp(lse_r - M) * E_r[x]; 0 for an all -inf shard row
         stats = torch.stack(parts)
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
         lse = M + torch.log(stats[0])
@@ -136,7 +138,7 @@ class ShardedBackend:
             zero = torch.zeros_like(lse)
             delta = torch.where(active, logp - old, zero)
             loss, coef = surrogate(delta, torch.where(active, adv, zero), from_kernel_params(mode, params))
-            if ref is not None:
+            if ref is not None and beta:
                 d = torch.where(active, ref - logp, zero)
                 em1 = torch.expm1(d)
                 loss, coef = loss + beta * (em1 - d), coef - beta * em1

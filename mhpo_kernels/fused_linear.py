@@ -116,7 +116,7 @@ class _FusedLinearPolicyLoss(torch.autograd.Function):
             r = slice(s, min(s + M, N))
             h = hidden[r]
             z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
-            out = be.fwd(z, target[r], old[r], adv[r], mask[r], None if ref is None else ref[r],
+            out = be.fwd(z, target[r], old[r], adv[r], mask[r], None if ref is None or not opts["beta"] else ref[r],
                          opts["mode"], opts["params"], opts["beta"], T, ii, want_ent)
             for dst, src in zip((logp, entropy, lse, loss_tok, coef), out):
                 if dst.numel():

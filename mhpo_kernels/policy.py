@@ -114,12 +114,16 @@ def surrogate(delta, adv, cfg):
         r_lo, r_hi = 1 - cfg.eps_low, 1 + cfg.eps_high
         r2 = r.clamp(r_lo, r_hi)
         dr2 = torch.where((r >= r_lo) & (r <= r_hi), dr, torch.zeros_like(dr))
-        l1, l2 = -r1 * adv, -r2 * adv
-        take1 = l1 >= l2
-        loss, coef = torch.where(take1, l1, l2), torch.where(take1, -dr1 * adv, -dr2 * adv)
+        l1, l2, c1, c2 = -r1 * adv, -r2 * adv, -dr1 * adv, -dr2 * adv
+        # max / min split the gradient evenly on an exact tie, as torch.maximum / minimum do
+        loss = torch.maximum(l1, l2)
+        coef = torch.where(l1 > l2, c1, torch.where(l1 < l2, c2, 0.5 * (c1 + c2)))
         if dual_c is not None:
-            dual = (adv < 0) & (loss > -dual_c * adv)
-            loss, coef = torch.where(dual, -dual_c * adv, loss), torch.where(dual, torch.zeros_like(coef), coef)
+            cap = -dual_c * adv
+            dual = adv < 0
+            coef = torch.where(dual & (loss > cap), torch.zeros_like(coef),
+                               torch.where(dual & (loss == cap), 0.5 * coef, coef))
+            loss = torch.where(dual, torch.minimum(loss, cap), loss)
         return loss, coef
     if isinstance(cfg, SAPOConfig):
         r = torch.exp(delta.clamp(max=CLIP_LOG_RATIO_LIMIT))
@@ -154,7 +158,8 @@ def _loss_from_flat(logp, old, adv, mask, ref, beta, cfg, level, seqs, loss_agg_
         d = torch.where(active, ref - lp, zero)
         em1 = torch.expm1(d)
         kl = em1 - d  # k3, accurate near d = 0; d kl / d logp = 1 - e^d
-        value, coef = value + beta * kl, coef - beta * em1
+        if beta:  # with beta = 0, ref only feeds the kl_ref metric (0 * inf would be NaN)
+            value, coef = value + beta * kl, coef - beta * em1
     w = seqs.weights(mask, loss_agg_mode)
     value, coef = torch.where(active, value, zero), torch.where(active, coef, zero)
     tangent = torch.where(active, logp - lp, zero)  # 0 in value; d/dlogp = 1 on active tokens
@@ -204,7 +209,8 @@ def policy_loss(
             (default: after the shards of lower ranks); target ids are global.
             Only O(N) statistics are all-reduced; every rank gets the same loss,
             log-probs, entropy and metrics, and the gradient of its own shard.
-            ``inplace_backward`` is not used in this mode.
+            ``inplace_backward`` is not used in this mode. With an NCCL
+            group, the layout check travels on the current CUDA device.
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``. metrics:
@@ -245,9 +251,12 @@ def policy_loss(
         beta=beta, compute_dtype=torch.float32,
     )
     seqs = _sequences(x, cu_seqlens, logits)
+    if inplace_backward and x.logits.shape[0] > 1 and x.logits.stride(0) < x.logits.shape[1]:
+        raise ValueError("inplace_backward=True needs logits whose rows do not overlap (stride(0) >= V); "
+                         f"got stride {x.logits.stride(0)} for V = {x.logits.shape[1]}")
     token = level == "token"
     logp, entropy, _, loss_tok, _ = fused_fwd(
-        x.logits, x.target, x.old, x.adv, x.mask, x.ref if token else None,
+        x.logits, x.target, x.old, x.adv, x.mask, x.ref if token and beta else None,
         cfg.kernel_mode if token else MODE_NONE, list(cfg.kernel_params()), float(beta), float(temperature),
         int(ignore_index), bool(return_entropy), bool(inplace_backward), name,
     )

@@ -113,7 +113,8 @@ def policy_loss_reference(
     if x.ref is not None:
         d = torch.where(active, x.ref - logp, zero)
         kl = torch.exp(d) - d - 1  # k3 estimator
-        L = L + beta * kl
+        if beta:  # with beta = 0, ref only feeds the kl_ref metric
+            L = L + beta * kl
 
     loss = aggregate(L.reshape(x.seq_shape), x.mask.reshape(x.seq_shape), loss_agg_mode)
     metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl, adv=adv)
@@ -242,7 +243,8 @@ def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode,
     if ref is not None:
         d = torch.where(active, ref - logp, zero)
         kl = torch.exp(d) - d - 1  # k3 estimator
-        L = L + beta * kl
+        if beta:  # with beta = 0, ref only feeds the kl_ref metric
+            L = L + beta * kl
     loss = aggregate(L, m, loss_agg_mode)
     flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
     metrics = policy_metrics(cfg, flat(metric_delta), flat(active), flat(entropy), flat(kl), adv=flat(adv))

@@ -48,15 +48,13 @@ def assert_compiled_matches_eager(f, logits):
 
 
 @pytest.fixture(autouse=True)
-def nan_poison(monkeypatch):
-    """torch.empty* returns NaN-filled float tensors, so an unwritten output fails loudly."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def poison(t):
-        if t.dtype.is_floating_point and t.numel():
-            t.fill_(float("nan"))
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+def nan_poison():
+    """Uninitialised memory is NaN (torch.empty* from Python and at::empty in the native
+    kernels alike), so a kernel that leaves part of its output unwritten fails loudly."""
+    prev = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
     yield
+    torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+    torch.utils.deterministic.fill_uninitialized_memory = fill

@@ -114,8 +114,8 @@ def test_advantages_per_sequence_broadcast():
 
 
 @pytest.fixture
-def no_poison(monkeypatch):
-    monkeypatch.undo()  # torch.compile traces torch.empty; give it the real one
+def no_poison():
+    torch.use_deterministic_algorithms(False)  # compile and opcheck run with torch's defaults
 
 
 @pytest.mark.parametrize("backend", FUSED + ["auto"])
@@ -159,3 +159,31 @@ def test_opcheck(backend, no_poison):
                 -100, backend)
     torch.library.opcheck(_ops.fused_bwd, bwd_args)
     torch.library.opcheck(_ops.fused_bwd_, (logits.detach().clone(),) + bwd_args[1:])
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_ref_without_beta_only_feeds_the_metric(backend):
+    """beta = 0 with ref_logprobs: kl_ref is logged, the loss ignores ref (0 * inf would be NaN)."""
+    a, ref = args()
+    far = ref + 200.0  # exp(ref - logp) overflows fp32
+    z = a.pop("logits").clone().requires_grad_()
+    out = mk.mhpo_loss(z, **a, ref_logprobs=far, beta=0.0, backend=backend)
+    want = mk.mhpo_loss(z.detach(), **a, backend="torch")
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all()
+    assert_close(out.loss, want.loss, 2e-5, 2e-5, "loss")
+    assert out.metrics["kl_ref"].item() == float("inf")
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inplace_backward_refuses_overlapping_rows(backend):
+    a, _ = args(V=11, shape=(4,))
+    a["logits"] = torch.randn(11, device=DEVICE).expand(4, 11)  # every row is the same memory
+    with pytest.raises(ValueError, match="rows do not overlap"):
+        mk.mhpo_loss(**a, backend=backend, inplace_backward=True)
+
+
+def test_dhp_only_needs_k_pos_above_one():
+    with pytest.raises(ValueError, match="k_pos > 1"):
+        mk.MHPOConfig(use_lfm=False, k_pos=1.0)
+    mk.MHPOConfig(use_lfm=False, use_dhp=False, k_pos=1.0)  # plain importance weight: allowed

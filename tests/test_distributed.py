@@ -150,6 +150,24 @@ def _check_fused_linear_once(rank, backend, sizes, sent, through_entropy):
     return None if sent is None else sum(sent)
 
 
+def _check_all_inf_shard(rank, backend):
+    """A shard whose part of a row is all -inf (e.g. padded vocabulary) adds nothing, not NaN."""
+    logits, ids, g_logp, g_ent = full_case(2, v=60)
+    logits[:, 30:] = float("-inf")
+    ids = ids % 30
+    ids[3] = -100
+    shard = logits[:, 30 * rank:30 * (rank + 1)].clone().requires_grad_()
+    logp, ent, _, _ = vocab_parallel_logprobs(shard, ids, group=None, return_entropy=True, backend=backend)
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    w_logp, w_ent, w_grad = expected(logits[:, :30], ids, g_logp, g_ent, 1.0)
+    assert_close(logp, w_logp, 2e-6, 2e-6, "logp with an all -inf shard")
+    assert_close(ent, w_ent, 2e-6, 2e-6, "entropy with an all -inf shard")
+    if rank == 0:
+        assert_close(shard.grad, w_grad, *TOL[torch.float32], "grad with an all -inf shard")
+    else:
+        assert torch.equal(shard.grad, torch.zeros_like(shard.grad))
+
+
 # Layouts per world size: (sizes, explicit starts or None). Spawning ranks is
 # the slow part, so each world size runs every layout and backend in one group.
 LAYOUTS = {
@@ -185,6 +203,8 @@ def _worker(rank, world, init_file, backends_):
             assert fl_small == fl_large, (fl_small, fl_large)  # chunk statistics + grad_hidden: no V term
             for case in ("gap", "overlap", "n_mismatch"):
                 _check_bad(rank, case)
+            for backend in backends_:
+                _check_all_inf_shard(rank, backend)
     finally:
         dist.destroy_process_group()
 

@@ -62,11 +62,15 @@ def clip_token(delta, adv, eps_low, eps_high, dual_c, cap, LIMIT: tl.constexpr):
     dr2 = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), dr, 0.0)
     l1 = -r1 * adv
     l2 = -r2 * adv
-    take1 = l1 >= l2
-    loss = tl.where(take1, l1, l2)
-    coef = tl.where(take1, -dr1 * adv, -dr2 * adv)
-    dual = (dual_c > 0.0) & (adv < 0.0) & (loss > -dual_c * adv)
-    return tl.where(dual, -dual_c * adv, loss), tl.where(dual, 0.0, coef)
+    c1 = -dr1 * adv
+    c2 = -dr2 * adv
+    # max / min split the gradient evenly on an exact tie, as torch.maximum / minimum do
+    loss = tl.maximum(l1, l2)
+    coef = tl.where(l1 > l2, c1, tl.where(l1 < l2, c2, 0.5 * (c1 + c2)))
+    cap = -dual_c * adv
+    dual = (dual_c > 0.0) & (adv < 0.0)
+    coef = tl.where(dual & (loss > cap), 0.0, tl.where(dual & (loss == cap), 0.5 * coef, coef))
+    return tl.where(dual, tl.minimum(loss, cap), loss), coef
 
 
 @triton.jit
