@@ -34,20 +34,7 @@ def missing_api():
     return None
 
 
-def shapes(args):
-    return [H.Shape(N, V) for V in args.V for N in args.N]
-
-
-def input_bytes(shape, dtype):
-    return shape.N * shape.V * torch.empty((), dtype=dtype).element_size()
-
-
-def bytes_floor(shape, dtype, mode):
-    return {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * input_bytes(shape, dtype)
-
-
-def flops(shape, mode):
-    return None
+shapes, input_bytes, bytes_floor, flops = H.logits_shapes, H.logits_input_bytes, H.logits_bytes_floor, H.no_flops
 
 
 def _setup(shape, dtype, device, seed):

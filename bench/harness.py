@@ -77,6 +77,24 @@ class Shape:
 # ----------------------------------------------------------------------------- CLI
 
 
+# The logits-in ops (mhpo_loss, token_logprobs) share their shapes and byte floor:
+# fwd reads the [N, V] logits once, bwd reads them and writes the gradient.
+def logits_shapes(args) -> List[Shape]:
+    return [Shape(N, V) for V in args.V for N in args.N]
+
+
+def logits_input_bytes(shape, dtype) -> int:
+    return shape.N * shape.V * torch.empty((), dtype=dtype).element_size()
+
+
+def logits_bytes_floor(shape, dtype, mode) -> int:
+    return {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode] * logits_input_bytes(shape, dtype)
+
+
+def no_flops(shape, mode):
+    return None
+
+
 def base_parser(description: str, *, with_H: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--N", type=int, nargs="+", default=None, help="token counts (default: 4096 CPU / 16384 GPU)")

@@ -47,6 +47,28 @@ def assert_compiled_matches_eager(f, logits):
     assert_close(g1, g0, *TOL[torch.float32], "grad")
 
 
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Any kernel launch fails the test: errors must come first."""
+    from mhpo_kernels import backends
+
+    class Trap:
+        def fwd(self, *a, **k):
+            raise AssertionError("kernel launched")
+        bwd = fwd
+
+    monkeypatch.setattr(backends, "get", lambda name: Trap())
+
+
+def backward_random(out, seed):
+    """Backpropagate loss * u + sum(entropy * g) with random u and g (not just .sum())."""
+    g = torch.Generator().manual_seed(seed)
+    total = out.loss * (1 + torch.rand((), generator=g)).to(out.loss)
+    if out.entropy is not None:
+        total = total + (out.entropy * torch.randn(out.entropy.shape, generator=g).to(out.entropy)).sum()
+    total.backward()
+
+
 @pytest.fixture(autouse=True)
 def nan_poison():
     """Uninitialised memory is NaN (torch.empty* from Python and at::empty in the native

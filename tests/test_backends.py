@@ -8,7 +8,7 @@ import torch
 import mhpo_kernels as mk
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 
-from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from conftest import DEVICE, SCALAR_TOL, TOL, assert_close, backward_random
 from util import make_case
 
 FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
@@ -32,11 +32,7 @@ def run(backend, case, *, beta=0.0, upstream_seed=0, inplace_backward=False, ret
     z = leaf + 0 if inplace_backward else leaf  # a non-leaf, like an lm_head output
     out = mk.mhpo_loss(z, ids, old, adv, mask, ref_logprobs=ref if beta else None, beta=beta,
                        return_entropy=return_entropy, backend=backend, inplace_backward=inplace_backward, **kw)
-    g = torch.Generator().manual_seed(upstream_seed)
-    total = out.loss * (1 + torch.rand((), generator=g)).to(out.loss)
-    if return_entropy:
-        total = total + (out.entropy * torch.randn(out.entropy.shape, generator=g).to(out.entropy)).sum()
-    total.backward()
+    backward_random(out, upstream_seed)
     if inplace_backward:
         assert torch.equal(z.detach(), leaf.grad), "in-place backward must leave the gradient in the logits buffer"
     return out, leaf.grad
