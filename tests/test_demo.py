@@ -15,7 +15,12 @@ def test_demo_smoke(tmp_path):
         for key in ("reward", "loss", "grad_norm", "kl_old", "tokens_per_s", "loss_mem_fused_bytes"):
             assert all(isinstance(r[key], float) or isinstance(r[key], int) for r in rows), (name, key)
     assert all(r["survival_mean"] is not None for r in log["runs"]["mhpo"])
-    assert log["loss_memory"]["fused_bytes"] < log["loss_memory"]["eager_bytes"]
+    mem = log["loss_memory"]
+    assert mem["fused_bytes_estimate"] < mem["eager_bytes_estimate"]
+    from mhpo_kernels._bench_utils import PeakMemory
+
+    if PeakMemory("cpu").method == "vmhwm":  # measured where the high-water mark can be reset
+        assert 0 < mem["fused_bytes_measured"] < mem["eager_bytes_measured"]
     if importlib.util.find_spec("matplotlib") is not None:
         assert (out / "demo_curves.png").stat().st_size > 0
 
