@@ -89,43 +89,6 @@ def aggregate(L, m, loss_agg_mode):
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
-def policy_loss_reference(
-    logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control,
-    temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
-    ref_logprobs=None, beta=0.0, return_entropy=False,
-):
-    x = prepare(
-        logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
-        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
-    )
-    if not torch.compiler.is_compiling():
-        check_target_ids(x.target, x.logits.shape[-1], ignore_index)
-    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
-                                           want_entropy=return_entropy)
-
-    active = x.mask != 0
-    zero = torch.zeros_like(logp)
-    # where() before the math: padding may hold inf / NaN old log-probs
-    delta = torch.where(active, logp - x.old, zero)  # log r
-    adv = torch.where(active, x.adv, zero)
-    L = token_loss(delta, adv, ratio_control)
-    kl = None
-    if x.ref is not None:
-        d = torch.where(active, x.ref - logp, zero)
-        kl = torch.exp(d) - d - 1  # k3 estimator
-        if beta:  # with beta = 0, ref only feeds the kl_ref metric
-            L = L + beta * kl
-
-    loss = aggregate(L.reshape(x.seq_shape), x.mask.reshape(x.seq_shape), loss_agg_mode)
-    metrics = policy_metrics(ratio_control, delta, active, entropy if return_entropy else None, kl, adv=adv)
-    return MHPOOutput(
-        loss,
-        logp.detach().reshape(x.shape),
-        entropy.reshape(x.shape) if return_entropy else None,
-        metrics,
-    )
-
-
 def mhpo_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, config=None,
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
@@ -138,10 +101,10 @@ def mhpo_loss(
     config = MHPOConfig() if config is None else config
     if not isinstance(config, MHPOConfig):
         raise TypeError(f"config must be an MHPOConfig, got {type(config).__name__}")
-    return policy_loss_reference(
+    return policy_loss(
         logits, target_ids, old_logprobs, advantages, mask, ratio_control=config,
-        temperature=temperature, loss_agg_mode=loss_agg_mode, ignore_index=ignore_index,
-        ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
+        importance_sampling_level="token", temperature=temperature, loss_agg_mode=loss_agg_mode,
+        ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
     )
 
 

@@ -98,8 +98,8 @@ def test_gradcheck_float64(agg, cfg):
     logits.requires_grad_()
 
     def f(z):
-        out = R.policy_loss_reference(z, ids, old, adv, mask, ratio_control=cfg, loss_agg_mode=agg,
-                                      temperature=0.7, ref_logprobs=ref, beta=0.05, return_entropy=True)
+        out = R.policy_loss(z, ids, old, adv, mask, ratio_control=cfg, loss_agg_mode=agg,
+                            temperature=0.7, ref_logprobs=ref, beta=0.05, return_entropy=True)
         return out.loss, out.entropy
 
     assert torch.autograd.gradcheck(f, (logits,), eps=1e-6, atol=1e-8)
