@@ -132,17 +132,13 @@ class ShardedBackend:
         entropy = torch.where(valid, lse - stats[2] / stats[0], 0.0) if want_entropy else lse.new_empty(0)
         loss, coef = torch.zeros_like(lse), torch.zeros_like(lse)
         if mode != MODE_NONE:  # the kernels' epilogue, in torch, on the global log-probs
-            from .policy import surrogate
+            from .policy import token_epilogue
 
             active = valid & (mask != 0)
             zero = torch.zeros_like(lse)
-            delta = torch.where(active, logp - old, zero)
-            loss, coef = surrogate(delta, torch.where(active, adv, zero), from_kernel_params(mode, params))
-            if ref is not None and beta:
-                d = torch.where(active, ref - logp, zero)
-                em1 = torch.expm1(d)
-                loss, coef = loss + beta * (em1 - d), coef - beta * em1
-            loss, coef = torch.where(active, loss, zero), torch.where(active, coef, zero)
+            d = torch.where(active, ref - logp, zero) if ref is not None else None
+            loss, coef, _ = token_epilogue(from_kernel_params(mode, params), torch.where(active, logp - old, zero),
+                                           torch.where(active, adv, zero), d, beta, active)
         return logp, entropy, lse, loss, coef
 
     def bwd(self, logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out):

@@ -134,6 +134,24 @@ def surrogate(delta, adv, cfg):
     raise TypeError(f"unsupported ratio control {type(cfg).__name__}")
 
 
+def token_epilogue(cfg, delta, adv, ref_minus_logp, beta, active):
+    """The fused kernels' per-token epilogue in torch: ``(loss, coef, kl)``.
+
+    ``loss`` is the ratio control's surrogate at ``delta`` plus ``beta * k3`` KL,
+    ``coef = d loss / d logp``; both exactly 0 where ``active`` is False.
+    ``ref_minus_logp`` (0 on inactive rows) or None: no KL; ``kl`` is None then.
+    """
+    zero = torch.zeros_like(delta)
+    value, coef = surrogate(delta, adv, cfg)
+    kl = None
+    if ref_minus_logp is not None:
+        em1 = torch.expm1(ref_minus_logp)
+        kl = em1 - ref_minus_logp  # k3, accurate near d = 0; d kl / d logp = 1 - e^d
+        if beta:  # with beta = 0, ref only feeds the kl_ref metric (0 * inf would be NaN)
+            value, coef = value + beta * kl, coef - beta * em1
+    return torch.where(active, value, zero), torch.where(active, coef, zero), kl
+
+
 def _loss_from_flat(logp, old, adv, mask, ref, beta, cfg, level, seqs, loss_agg_mode, entropy=None):
     """Loss and metrics from flat [N] tensors; only ``logp`` carries a gradient.
 
@@ -152,16 +170,9 @@ def _loss_from_flat(logp, old, adv, mask, ref, beta, cfg, level, seqs, loss_agg_
         seq_delta = safe_div(seqs.sum(mask * delta), seqs.sum(mask))
         delta = torch.where(active, seqs.expand(seq_delta), zero)
     adv = torch.where(active, adv, zero)
-    value, coef = surrogate(delta, adv, cfg)
-    kl = None
-    if ref is not None:
-        d = torch.where(active, ref - lp, zero)
-        em1 = torch.expm1(d)
-        kl = em1 - d  # k3, accurate near d = 0; d kl / d logp = 1 - e^d
-        if beta:  # with beta = 0, ref only feeds the kl_ref metric (0 * inf would be NaN)
-            value, coef = value + beta * kl, coef - beta * em1
+    d = None if ref is None else torch.where(active, ref - lp, zero)
+    value, coef, kl = token_epilogue(cfg, delta, adv, d, beta, active)
     w = seqs.weights(mask, loss_agg_mode)
-    value, coef = torch.where(active, value, zero), torch.where(active, coef, zero)
     tangent = torch.where(active, logp - lp, zero)  # 0 in value; d/dlogp = 1 on active tokens
     loss = (w * value).sum() + (w * coef * tangent).sum()
     return loss, policy_metrics(cfg, delta, active, entropy, kl, adv=adv)
