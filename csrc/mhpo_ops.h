@@ -30,11 +30,12 @@ inline int dtype_code(const Tensor& t) {
 
 inline void check_logits(const Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2, "mhpo_kernels_C: logits must be [N, V], got ", logits.sizes());
-  TORCH_CHECK(logits.size(1) >= 1, "mhpo_kernels_C: logits need V >= 1");
-  TORCH_CHECK(logits.size(1) <= INT32_MAX, "mhpo_kernels_C: V must fit in int32");
-  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1, "mhpo_kernels_C: logits need stride(1) == 1, got ",
-              logits.strides());
-  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= 0, "mhpo_kernels_C: negative row stride");
+  TORCH_CHECK(logits.size(1) >= 1, "mhpo_kernels_C: logits need V >= 1, got ", logits.sizes());
+  TORCH_CHECK(logits.size(1) <= INT32_MAX, "mhpo_kernels_C: V must fit in int32, got V = ", logits.size(1));
+  TORCH_CHECK(logits.stride(1) == 1 || logits.size(1) == 1,
+              "mhpo_kernels_C: logits need stride(1) == 1, got strides ", logits.strides());
+  TORCH_CHECK(logits.size(0) <= 1 || logits.stride(0) >= 0, "mhpo_kernels_C: negative row stride ",
+              logits.stride(0));
   dtype_code(logits);
 }
 
@@ -56,7 +57,8 @@ inline void check_fwd(const Tensor& logits, const Tensor& target, const Tensor& 
   check_row("adv", adv, logits, at::kFloat);
   check_row("mask", mask, logits, at::kFloat);
   if (ref.has_value()) check_row("ref", *ref, logits, at::kFloat);
-  TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_SAPO, "mhpo_kernels_C: unknown mode ", mode);
+  TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_SAPO, "mhpo_kernels_C: unknown mode ", mode, " (expected ",
+              static_cast<int>(MODE_NONE), " to ", static_cast<int>(MODE_SAPO), ")");
   TORCH_CHECK(params.size() == kNumParams, "mhpo_kernels_C: params must have ", kNumParams, " values, got ",
               params.size());
   TORCH_CHECK(temperature > 0, "mhpo_kernels_C: temperature must be > 0, got ", temperature);
@@ -78,8 +80,10 @@ inline void check_bwd(const Tensor& logits, const Tensor& target, const Tensor& 
               ", got ", out.sizes());
   TORCH_CHECK(out.scalar_type() == logits.scalar_type(), "mhpo_kernels_C: out must have the logits' dtype ",
               logits.scalar_type(), ", got ", out.scalar_type());
-  TORCH_CHECK(out.device() == logits.device(), "mhpo_kernels_C: out must be on the logits' device");
-  TORCH_CHECK(out.stride(1) == 1 || out.size(1) == 1, "mhpo_kernels_C: out needs stride(1) == 1");
+  TORCH_CHECK(out.device() == logits.device(), "mhpo_kernels_C: out must be on the logits' device ",
+              logits.device(), ", got ", out.device());
+  TORCH_CHECK(out.stride(1) == 1 || out.size(1) == 1, "mhpo_kernels_C: out needs stride(1) == 1, got strides ",
+              out.strides());
   TORCH_CHECK(temperature > 0, "mhpo_kernels_C: temperature must be > 0, got ", temperature);
 }
 

@@ -8,17 +8,20 @@ CUDA tests run only on a GPU machine (``-m gpu``); without one, the build
 checks (SASS for sm_80 / sm_90, CUDA kernels registered) still run.
 """
 import glob
+import importlib
 import math
 import os
 import shutil
+import struct
 import subprocess
+import sys
 
 import pytest
 import torch
 
 import mhpo_kernels
 from mhpo_kernels import reference
-from mhpo_kernels.config import MODE_NONE, ClipConfig, MHPOConfig, SAPOConfig
+from mhpo_kernels.config import MODE_NONE, MODE_SAPO, ClipConfig, MHPOConfig, SAPOConfig
 
 from conftest import SCALAR_TOL, TOL, assert_close
 
@@ -325,6 +328,16 @@ def test_sanity_table():
     assert torch.allclose(-out[4].double(), torch.tensor([x[2] for x in rows], dtype=torch.float64), atol=1e-4)
 
 
+def raises_exactly(message, fn, *args):
+    """fn(*args) raises RuntimeError whose message is exactly ``message``, numbers included (a
+    C++ runtime mixed up with torch's loses or crashes on them; the first line only, so that
+    TORCH_SHOW_CPP_STACKTRACES=1 still passes)."""
+    with pytest.raises(RuntimeError) as e:
+        fn(*args)
+    got = str(e.value).split("\n")[0]
+    assert got == message, f"expected {message!r}, got {got!r}"
+
+
 @needs_cpu
 def test_bad_arguments():
     be = _native.backend("cpu")
@@ -332,26 +345,30 @@ def test_bad_arguments():
     mode, params = mode_params(MHPOConfig())
     ok = (logits, target, old, adv, mask, ref, mode, params, 0.1, 1.0, IGNORE, True)
     be.fwd(*ok)
-    bad = {
-        "logits": (logits[None], "logits must be"),
-        "target": (target.int(), "target must be"),
-        "old": (old.double(), "old must be"),
-        "adv": (adv[:3], "adv must be"),
-        "mask": (mask.bool(), "mask must be"),
-        "params": (params[:7], "params must have"),
-        "mode": (7, "unknown mode"),
-        "temperature": (0.0, "temperature"),
-    }
+    modes = f"(expected {MODE_NONE} to {MODE_SAPO})"
+    bad = [
+        ("logits", logits[None], "logits must be [N, V], got [1, 4, 10]"),
+        ("logits", logits.double(), "logits must be float32, bfloat16 or float16, got Double"),
+        ("logits", logits.t().contiguous().t(), "logits need stride(1) == 1, got strides [1, 4]"),
+        ("logits", logits[:, :0], "logits need V >= 1, got [4, 0]"),
+        ("target", target.int(), "target must be Long, got Int"),
+        ("target", target[:, None], "target must be [N] with N = 4, got [4, 1]"),
+        ("old", old.double(), "old must be Float, got Double"),
+        ("adv", adv[:3], "adv must be [N] with N = 4, got [3]"),
+        ("mask", mask.bool(), "mask must be Float, got Bool"),
+        ("ref", ref[:2], "ref must be [N] with N = 4, got [2]"),
+        ("mode", 7, f"unknown mode 7 {modes}"),
+        ("mode", -1, f"unknown mode -1 {modes}"),
+        ("params", params[:7], "params must have 8 values, got 7"),
+        ("temperature", 0.0, "temperature must be > 0, got 0"),
+        ("temperature", -0.25, "temperature must be > 0, got -0.25"),
+        ("temperature", float("nan"), "temperature must be > 0, got nan"),
+    ]
     names = ["logits", "target", "old", "adv", "mask", "ref", "mode", "params", "beta", "temperature"]
-    for key, (value, msg) in bad.items():
+    for key, value, msg in bad:
         args = list(ok)
         args[names.index(key)] = value
-        with pytest.raises(RuntimeError, match=msg):
-            be.fwd(*args)
-    with pytest.raises(RuntimeError, match="logits must be float32"):
-        be.fwd(logits.double(), *ok[1:])
-    with pytest.raises(RuntimeError, match="stride"):
-        be.fwd(logits.t().contiguous().t(), *ok[1:])
+        raises_exactly(f"mhpo_kernels_C: {msg}", be.fwd, *args)
     # ids are validated in Python before any launch; the op itself never reads out of bounds:
     # an id outside [vocab_start, vocab_start + V) belongs to another vocabulary shard (logp 0)
     for y in (10, -1):
@@ -361,12 +378,74 @@ def test_bad_arguments():
         assert logp[2].item() == 0.0 and torch.isfinite(logp).all()
     _, ent, lse, _, _ = be.fwd(*ok)
     dl = torch.ones(4)
-    with pytest.raises(RuntimeError, match="dtype"):
-        be.bwd(logits, target, lse, None, dl, None, 1.0, IGNORE, torch.empty(4, 10, dtype=torch.bfloat16))
-    with pytest.raises(RuntimeError, match="shape"):
-        be.bwd(logits, target, lse, None, dl, None, 1.0, IGNORE, torch.empty(4, 11))
-    with pytest.raises(RuntimeError, match="entropy"):
-        torch.ops.mhpo_kernels_C.bwd(logits, target, lse, None, dl, dl, 1.0, IGNORE, torch.empty(4, 10))
+    bwd = torch.ops.mhpo_kernels_C.bwd
+    okb = (logits, target, lse, ent, dl, dl, 1.0, IGNORE, torch.empty(4, 10))
+    bwd(*okb)
+    bad_bwd = [
+        (8, torch.empty(4, 10, dtype=torch.bfloat16), "out must have the logits' dtype Float, got BFloat16"),
+        (8, torch.empty(4, 11), "out must have the logits' shape [4, 10], got [4, 11]"),
+        (8, torch.empty(10, 4).t(), "out needs stride(1) == 1, got strides [1, 4]"),
+        (3, None, "dent needs the forward's entropy"),
+        (4, torch.ones(5), "dlogp must be [N] with N = 4, got [5]"),
+        (2, lse.double(), "lse must be Float, got Double"),
+        (6, 0.0, "temperature must be > 0, got 0"),
+        (6, -1.5, "temperature must be > 0, got -1.5"),
+    ]
+    for i, value, msg in bad_bwd:
+        args = list(okb)
+        args[i] = value
+        raises_exactly(f"mhpo_kernels_C: {msg}", bwd, *args)
+
+
+def elf_needed(path):
+    """The DT_NEEDED entries of a 64-bit ELF shared object, parsed here (no readelf needed)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    assert data[:4] == b"\x7fELF" and data[4] == 2, f"{path}: not a 64-bit ELF file"
+    end = "<" if data[5] == 1 else ">"
+    (phoff,) = struct.unpack_from(end + "Q", data, 0x20)
+    phentsize, phnum = struct.unpack_from(end + "HH", data, 0x36)
+    loads, dynamic = [], None
+    for i in range(phnum):  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+        p_type, _, off, vaddr, _, filesz, _, _ = struct.unpack_from(end + "IIQQQQQQ", data, phoff + i * phentsize)
+        if p_type == 1:  # PT_LOAD
+            loads.append((vaddr, off, filesz))
+        elif p_type == 2:  # PT_DYNAMIC
+            dynamic = (off, filesz)
+    assert dynamic is not None, f"{path}: no dynamic section"
+    needed, strtab = [], None
+    for pos in range(dynamic[0], dynamic[0] + dynamic[1], 16):
+        tag, val = struct.unpack_from(end + "qQ", data, pos)
+        if tag == 0:  # DT_NULL
+            break
+        if tag == 1:  # DT_NEEDED: an offset into the string table
+            needed.append(val)
+        elif tag == 5:  # DT_STRTAB: a virtual address
+            strtab = next(off + val - vaddr for vaddr, off, size in loads if vaddr <= val < vaddr + size)
+    return [data[strtab + n:data.index(b"\0", strtab + n)].decode() for n in needed]
+
+
+def native_extension_files():
+    """The loaded _C_cpu (and _C_cuda where built) shared objects."""
+    files = [importlib.import_module("mhpo_kernels._C_cpu").__file__]
+    files += [importlib.import_module("mhpo_kernels._C_cuda").__file__] if HAVE_CUDA_EXT else CUDA_SO
+    return files
+
+
+@needs_cpu
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF / libstdc++ are Linux matters")
+def test_extensions_share_torchs_libstdcxx():
+    """Each extension NEEDs the shared libstdc++.so.6 (setup.py links it whatever the toolchain's
+    default): a private static copy beside torch's runtime breaks every message with a number."""
+    mapped = {line.split()[-1] for line in open("/proc/self/maps") if "libstdc++.so" in line}
+    assert mapped, "torch's libstdc++.so.6 is not mapped in this process"
+    readelf = shutil.which("readelf")
+    for so in native_extension_files():
+        needed = elf_needed(so)
+        if readelf:  # the parser agrees with binutils
+            out = subprocess.run([readelf, "-d", so], capture_output=True, text=True, check=True).stdout
+            assert needed == [line.split("[")[1].split("]")[0] for line in out.splitlines() if "(NEEDED)" in line]
+        assert "libstdc++.so.6" in needed, f"{so} links libstdc++ statically (NEEDED: {needed})"
 
 
 def _op_args(device="cpu", dtype=torch.bfloat16):
