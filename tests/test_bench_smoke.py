@@ -2,13 +2,19 @@
 
 Tiny shapes only; timings are never asserted.
 """
+import glob
+import inspect
 import json
 import os
+import re
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
+
+import mhpo_kernels as mk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
@@ -82,13 +88,148 @@ def test_check_cli_quick():
     assert "err grad" in proc.stdout and "OK:" in proc.stdout
 
 
-def test_gpu_report_dry_run(tmp_path):
+GOAL_LINE = re.compile(r"^goal: \[#1[123]\] .+  measured: .+  (PASS|FAIL|DRY|NOT MEASURED|NOT IMPLEMENTED)$")
+# what one device call brings back: at most 8 files, names of letters, digits, '.', '_', '-'
+OUT_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+def _gpu_report(out_dir, *args, extra_env=None, timeout=600):
     env = _env()
     env["PYTHON"] = sys.executable
-    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_report.sh"), "--dry-run", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=240)
-    out = proc.stdout + proc.stderr
+    env.update(extra_env or {})
+    proc = subprocess.run(["bash", os.path.join(BENCH, "gpu_report.sh"), *args, str(out_dir)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, proc.stdout + proc.stderr
+
+
+def _check_out_dir(out_dir):
+    files = sorted(p.name for p in out_dir.iterdir())
+    assert len(files) <= 8 and all(OUT_NAME.match(f) for f in files), files
+    assert all((out_dir / f).is_file() for f in files), files
+    return files
+
+
+def test_gpu_report_dry_run(tmp_path):
+    proc, out = _gpu_report(tmp_path, "--dry-run")
     assert proc.returncode == 0, out
-    assert "DRY RUN" in out and "SKIPPED" in out
-    assert (tmp_path / "summary.txt").exists() and (tmp_path / "dry-run.md").exists()
     assert out.rstrip().splitlines()[-1].startswith("DRY RUN")  # the summary comes last
+    files = _check_out_dir(tmp_path)
+    assert {"summary.txt", "goals.txt", "profile.txt", "pytest.txt", "dry-run.md", "dry-run.csv",
+            "logs.tar.gz"} <= set(files), files
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.strip() in out  # printed at the end, word for word
+    lines = summary.splitlines()
+    # a missing backend is checked before anything runs
+    assert any(ln.startswith("[backends] backends on cpu: expected cpu,") and ln.endswith(": OK") for ln in lines)
+    assert any(ln.startswith("[link] _C_cpu") for ln in lines)
+    # the issues' GPU targets, one verdict per line; issue 12's path does not exist yet
+    goals = [ln for ln in lines if ln.startswith("goal: ")]
+    assert goals and all(GOAL_LINE.match(g) for g in goals), "\n".join(g for g in goals if not GOAL_LINE.match(g))
+    for tag in ("[#11] mhpo_loss fwd+bwd bf16 N=1024 V=151936 <= 0.70 ms",
+                "[#11] mhpo_loss fwd+bwd bf16 N=4096 V=151936 <= 1.50 ms",
+                "[#11] mhpo_loss fwd+bwd bf16 N=16384 V=151936 <= 5.00 ms",
+                "[#11] not slower than Liger triton_grpo_loss, N=8192",
+                "[#12] mhpo_loss fwd+bwd bf16 N=16384 V=151936 <= 3.70 ms",
+                "[#12] mhpo_loss fwd+bwd bf16 N=4096 V=151936 <= 1.00 ms",
+                "[#13] fused_linear_mhpo_loss fwd+bwd bf16 N=16384 H=4096 V=151936 <= 85 ms",
+                "[#13] fused_linear_mhpo_loss N=16384 H=4096 V=151936 peak extra <= 1.6 GB",
+                "[#13] fused_linear peak extra <= unfused",
+                "[#11] work ops per mhpo_loss fwd+bwd (cpu backend"):
+        assert any(g.startswith("goal: " + tag) for g in goals), tag
+    # a dry run never passes or fails a GPU target: it measures tiny CPU shapes
+    assert not any(g.startswith("goal: [#1") and "V=151936" in g and g.endswith(("PASS", "FAIL")) for g in goals)
+    if "entropy_coeff" not in inspect.signature(mk.mhpo_loss).parameters:
+        assert all(g.endswith("NOT IMPLEMENTED") and "not implemented yet" in g for g in goals if "[#12]" in g)
+    assert any(ln.startswith("[tests] ") and "1 passed" in ln for ln in lines)
+    assert "[tests] failed: none" in lines
+    assert lines[-1].startswith("RESULT: every step passed")
+    with tarfile.open(tmp_path / "logs.tar.gz") as tar:
+        members = {m.name[2:] if m.name.startswith("./") else m.name: m for m in tar.getmembers()}
+        assert {"env.txt", "junit.xml", "goals.json", "profile.json", "report/dry-run.md", "bench.txt"} <= \
+            set(members), sorted(members)
+        goals_json = json.loads(tar.extractfile(members["goals.json"]).read())
+    assert goals_json["dry"] and goals_json["goals"] and set(goals_json["goals"]) <= set(goals)
+
+
+FAKE_TESTS = """
+import os
+def test_ok():
+    pass
+def test_bad():
+    assert 1 == 2
+def test_crash():
+    os.abort()
+"""
+
+
+def test_gpu_report_lists_failing_and_crashing_tests(tmp_path):
+    """A crashing test costs one test (with pytest-xdist) or ends the run (without), and either way the
+    summary names the failing and the crashed test ids; the step fails the script."""
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "test_fake.py").write_text(FAKE_TESTS)
+    out_dir = tmp_path / "out"
+    proc, out = _gpu_report(out_dir, "--dry-run", "--steps", "tests", timeout=180,
+                            extra_env={"MHPO_PYTEST_ARGS": str(tmp_path / "t" / "test_fake.py"),
+                                       "MHPO_PYTEST_WORKERS": "2"})
+    assert proc.returncode == 1, out
+    _check_out_dir(out_dir)
+    summary = (out_dir / "summary.txt").read_text()
+    assert "test_fake.py::test_bad" in summary and "test_fake.py::test_crash" in summary, summary
+    assert "test_fake.py::test_ok" not in summary
+    assert "RESULT: FAILED steps: tests" in summary
+    assert "test_fake.py::test_ok PASSED" in (out_dir / "pytest.txt").read_text()
+
+
+XDIST_LOG = """\
+[gw0] [ 25%] PASSED tests/test_a.py::test_ok Fatal Python error: Aborted
+tests/test_a.py::test_bad
+[gw1] node down: Not properly terminated
+[gw1] [ 50%] FAILED tests/test_a.py::test_crash
+
+replacing crashed worker gw1
+[gw0] [ 75%] FAILED tests/test_a.py::test_bad
+[gw2] [100%] PASSED tests/test_b.py::test_grid[bf16-V1-N1-triton]
+=================================== FAILURES ===================================
+worker 'gw1' crashed while running 'tests/test_a.py::test_crash'
+=========================== short test summary info ============================
+FAILED tests/test_a.py::test_crash - worker 'gw1' crashed while running 'tests/te...
+FAILED tests/test_a.py::test_bad - assert 1 == 2
+========================= 2 failed, 2 passed in 8.58s ==========================
+"""
+
+
+def test_gpu_report_tools(tmp_path):
+    sys.path.insert(0, BENCH)
+    try:
+        import gpu_report_tools as T
+    finally:
+        sys.path.remove(BENCH)
+    log = T.parse_log(XDIST_LOG)
+    assert log["failed"] == ["tests/test_a.py::test_crash", "tests/test_a.py::test_bad"]
+    assert log["crashed"] == ["tests/test_a.py::test_crash"] and log["final"] == "2 failed, 2 passed"
+    assert log["counts"]["passed"] == 2 and log["unfinished"] == []
+    cut = T.parse_log("tests/test_a.py::test_ok PASSED [ 50%]\ntests/test_a.py::test_hang ")
+    assert cut["unfinished"] == ["tests/test_a.py::test_hang"] and cut["final"] is None
+    (tmp_path / "log.txt").write_text(XDIST_LOG)
+    (tmp_path / "j.xml").write_text(
+        '<testsuites><testsuite><testcase classname="tests.test_c.TestK" name="test_e[x]" file="tests/test_c.py">'
+        '<error message="boom"/></testcase><testcase classname="tests.test_c" name="test_p" file="tests/test_c.py"/>'
+        '</testsuite></testsuites>')
+    n, lines = T.test_summary(str(tmp_path / "log.txt"), str(tmp_path / "j.xml"))
+    assert n == 3 and "  tests/test_c.py::TestK::test_e[x]" in lines and "  tests/test_a.py::test_bad" in lines
+    # each backend on the device it runs on (tests/util.py::device_for)
+    assert T.parse_expect("triton,cuda,cpu", gpu=True) == {"cuda": ["triton", "cuda"], "cpu": ["cpu"]}
+    assert T.parse_expect("triton,cpu", gpu=False) == {"cpu": ["triton", "cpu"]}
+    with pytest.raises(ValueError, match="unknown backend 'cuda:triton'"):
+        T.parse_expect("cuda:triton", gpu=True)
+    ok, msgs = T.check_backends("torch,cpu" if "cpu" in mk.available_backends("cpu") else "torch")
+    assert ok, msgs
+    ok, msgs = T.check_backends("cuda") if not torch.cuda.is_available() else (False, ["NO CUDA DEVICE"])
+    assert not ok and "NO CUDA DEVICE" in msgs[0]
+    # the C++ runtime check reads DT_NEEDED itself
+    so = glob.glob(os.path.join(ROOT, "mhpo_kernels", "_C_cpu*.so"))
+    if so:
+        assert "libstdc++.so.6" in T.elf_needed(so[0])
+    (tmp_path / "not.so").write_bytes(b"nope")
+    ok, msgs = T.check_link([str(tmp_path / "not.so")])
+    assert not ok and "cannot read" in msgs[0]
