@@ -31,7 +31,6 @@ from torch import nn
 
 import mhpo_kernels as mk
 from . import backends
-from .fused_linear import default_chunk_size
 
 DIGITS = list(range(15, 25))  # Qwen2's ids of "0".."9"
 
@@ -110,41 +109,44 @@ def sample(model, prompts, n_new, g, temperature=1.0):
     return seq
 
 
-def memory_estimate(N, V, H, dtype, chunk):
-    """Extra bytes of the loss over the lm_head for N tokens: fused (this package) vs eager PyTorch.
+def memory_probe(kind):
+    """``(PeakMemory factory, release)`` for a device kind, or None where this platform cannot
+    reset its memory high-water mark between two measurements.
 
-    eager: logits (dtype) + fp32 upcast + fp32 log_softmax + fp32 softmax for the
-    backward + fp32 and dtype gradient of the logits; both: grad_weight + grad_hidden.
-    fused: the fp32 grad_weight accumulator + one chunk of logits (its gradient
-    overwrites it) or, at the end, the grad_weight it is cast to.
+    ``release()`` (no arguments) runs before each measurement. On CUDA the peak is the
+    allocator's ``max_memory_allocated`` (reset per measurement), so there is nothing to
+    release. On CPU the peak is the resident-set high-water mark; glibc would serve the
+    loss's buffers from pages training already touched, invisible to that mark, so
+    ``release`` hands free memory back to the OS (``malloc_trim``).
     """
-    b = torch.tensor([], dtype=dtype).element_size()
-    eager = N * V * (b + 4 + 4 + 4 + 4 + b) + V * H * b + N * H * b
-    fused = V * H * 4 + max(min(N, chunk) * V * b, V * H * b) + N * H * b
-    return fused, eager
-
-
-def measure_loss_memory(lm_head, n_rows, n_cols, backend, g):
-    """Measured peak extra bytes of the loss forward + backward over the lm_head for one
-    minibatch: (fused MHPOLinearLoss path, eager F.linear + reference loss), or None where
-    this platform cannot reset its memory high-water mark between the two."""
     from ._bench_utils import PeakMemory
 
+    if kind == "cuda":
+        return (lambda: PeakMemory("cuda")), (lambda: None)
+    if kind != "cpu" or PeakMemory("cpu").method != "vmhwm":
+        return None
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return (lambda: PeakMemory("cpu")), (lambda: trim(0))
+
+
+def measure_loss_memory(lm_head, n_rows, n_cols, backend, g, kind=None, chunk_size=None):
+    """Measured peak extra bytes of the loss forward + backward over the lm_head for one
+    minibatch: (fused MHPOLinearLoss path, eager F.linear + reference loss), or None where
+    :func:`memory_probe` cannot measure. ``kind`` (default: the weight's device type)
+    picks the probe; tests pass ``"cuda"`` with CPU tensors and faked ``torch.cuda``
+    counters to run the CUDA branch without a GPU."""
     W = lm_head.weight.detach()
     V, H = W.shape
     dev = W.device
-    if PeakMemory(dev).method not in ("cuda", "vmhwm"):
+    probe = memory_probe(kind or dev.type)
+    if probe is None:
         return None
-    release = lambda: None  # noqa: E731
-    if dev.type == "cpu":
-        # glibc would serve these buffers from pages training already touched, invisible to the
-        # resident-set high-water mark: hand free memory back to the OS before each measurement
-        import ctypes
-
-        try:
-            release = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            return None
+    peak_memory, release = probe
     ids = torch.randint(0, V, (n_rows, n_cols), generator=g).to(dev)
     old = torch.full((n_rows, n_cols), -12.0, device=dev)
     adv = torch.randn(n_rows, generator=g).to(dev)
@@ -152,10 +154,10 @@ def measure_loss_memory(lm_head, n_rows, n_cols, backend, g):
     for fused in (True, False):
         h = torch.randn(n_rows, n_cols, H, generator=g).to(dev, W.dtype).requires_grad_()
         w = W.clone().requires_grad_()
-        release(0)
-        with PeakMemory(dev) as pm:
+        release()
+        with peak_memory() as pm:
             if fused:
-                out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, backend=backend)
+                out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, backend=backend, chunk_size=chunk_size)
             else:
                 out = mk.mhpo_loss(nn.functional.linear(h, w), ids, old, adv, backend="torch")
             out.loss.backward()
@@ -225,11 +227,8 @@ def rl_run(name, ratio_control, model, task, args, seed):
     P, A = task.L + 2, task.L + 1
     B = args.prompts * args.group
     mb = max(B // args.minibatches, 1)
-    dtype = next(model.parameters()).dtype
-    V, H = model.lm_head.weight.shape
-    chunk = args.chunk_size or default_chunk_size(V, H, args.device)
     log, bar = [], Bar(args.steps, f"{name:<9}", not args.quiet)
-    kw = dict(ratio_control=ratio_control, backend=args.backend)
+    kw = dict(ratio_control=ratio_control, backend=args.backend, chunk_size=args.chunk_size)
     for step in range(args.steps):
         t0 = time.perf_counter()
         model.eval()
@@ -257,7 +256,6 @@ def rl_run(name, ratio_control, model, task, args, seed):
                 stats.append((out.loss.item(), gnorm.item(), {k: v.item() for k, v in out.metrics.items()}))
         dt = time.perf_counter() - t0
         n_tok = int(mask.sum().item())
-        fused_mem, eager_mem = memory_estimate(int(mask[:mb].numel()), V, H, dtype, chunk)
         m = {k: sum(s[2][k] for s in stats) / len(stats) for k in stats[0][2]}
         row = {
             "step": step,
@@ -272,8 +270,6 @@ def rl_run(name, ratio_control, model, task, args, seed):
             "ratio_min": min(s[2]["ratio_min"] for s in stats),
             "tokens_per_s": n_tok * args.epochs / max(dt - t_gen, 1e-9),
             "step_s": dt,
-            "loss_mem_fused_bytes": fused_mem,
-            "loss_mem_eager_bytes": eager_mem,
         }
         log.append(row)
         extra = (f"surv {row['survival_mean']:.3f}" if row["survival_mean"] is not None
@@ -335,7 +331,8 @@ def parse(argv):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-lr", type=float, default=3e-3)
     p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--chunk-size", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=None, help="token rows per lm_head chunk of the fused loss "
+                   "(default: the package's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpu", "torch"))
@@ -384,27 +381,26 @@ def main(argv=None) -> int:
         first, last = window_means(log)
         summary[name] = {"reward_first_10pct": first, "reward_last_10pct": last, "gain": last - first,
                          "final_solved": window_means(log, "solved")[1]}
-    V, H = base.lm_head.weight.shape
-    chunk = args.chunk_size or default_chunk_size(V, H, device.type)
-    mb_rows = args.prompts * args.group // args.minibatches
-    fused_mem, eager_mem = memory_estimate(mb_rows * (args.digits + 1), V, H, dtype, chunk)
-    measured = measure_loss_memory(base.lm_head, mb_rows, args.digits + 1, backend, g)
+    mb_rows = max(args.prompts * args.group // args.minibatches, 1)
+    measured = measure_loss_memory(base.lm_head, mb_rows, args.digits + 1, backend, g,
+                                   chunk_size=args.chunk_size)
     wall = time.time() - t_start
-    loss_memory = {"fused_bytes_estimate": fused_mem, "eager_bytes_estimate": eager_mem}
+    loss_memory = None
     if measured is not None:
-        loss_memory.update(fused_bytes_measured=measured[0], eager_bytes_measured=measured[1])
+        loss_memory = {"fused_bytes_measured": measured[0], "eager_bytes_measured": measured[1]}
     result = {"args": vars(args), "backend": backend, "parameters": n_params, "wall_s": wall,
               "loss_memory": loss_memory, "summary": summary, "runs": runs}
     with open(os.path.join(args.out, "demo_log.json"), "w") as f:
         json.dump(result, f, indent=1)
     png = plot(runs, os.path.join(args.out, "demo_curves.png"))
 
-    print(f"\nloss memory per minibatch ({mb_rows * (args.digits + 1)} tokens, forward + backward over the lm_head): "
-          f"estimated fused ~{fmt_bytes(fused_mem)} vs eager PyTorch ~{fmt_bytes(eager_mem)} "
-          f"({eager_mem / fused_mem:.1f}x less)")
+    tokens = f"{mb_rows * (args.digits + 1)} tokens, forward + backward over the lm_head"
     if measured is not None:
-        print(f"  measured peak: fused {fmt_bytes(measured[0])} vs eager PyTorch {fmt_bytes(measured[1])} "
-              f"({measured[1] / max(measured[0], 1):.1f}x less)")
+        print(f"\nloss peak memory per minibatch ({tokens}), measured: fused {fmt_bytes(measured[0])} vs "
+              f"eager F.linear + reference {fmt_bytes(measured[1])} ({measured[1] / max(measured[0], 1):.1f}x less)")
+    else:
+        print(f"\nloss peak memory per minibatch ({tokens}): not measured (needs CUDA, or Linux with a "
+              f"resettable resident-set high-water mark)")
     for name, s in summary.items():
         print(f"{name:>5}: mean reward first 10% of steps {s['reward_first_10pct']:.3f} -> last 10% "
               f"{s['reward_last_10pct']:.3f} ({s['gain']:+.3f}); solved in last 10%: {s['final_solved']:.0%}")
