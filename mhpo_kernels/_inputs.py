@@ -144,7 +144,7 @@ def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def aggregation_weights(mask, seq_shape, loss_agg_mode):
-    """Per-token weights w with ``loss = sum(w * L)`` for each aggregation mode of the spec."""
+    """Per-token weights w with ``loss = sum(w * L)`` for each aggregation mode of docs/mhpo.md."""
     B, T = seq_shape
     m = mask.reshape(B, T)
     if loss_agg_mode == "token-mean":

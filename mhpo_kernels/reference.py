@@ -1,6 +1,6 @@
 """Plain-PyTorch reference: the ground truth every backend is tested against.
 
-It mirrors ``MHPO_SPEC.md`` line by line and is also the ``"torch"`` backend:
+It mirrors ``docs/mhpo.md`` (the package's math) line by line and is also the ``"torch"`` backend:
 any device, any float dtype (math in float32, or float64 for float64 logits).
 It materialises ``log_softmax`` over ``[N, V]``, which is exactly the memory the
 fused backends avoid.
@@ -75,7 +75,7 @@ def token_loss(delta, adv, cfg):
 
 
 def aggregate(L, m, loss_agg_mode):
-    """The spec's aggregation table over [B, T] (fully masked sequences are not counted)."""
+    """docs/mhpo.md's aggregation table over [B, T] (fully masked sequences are not counted)."""
     if loss_agg_mode == "token-mean":
         return safe_div((m * L).sum(), m.sum())
     seq_sum, seq_count = (m * L).sum(-1), m.sum(-1)

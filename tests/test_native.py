@@ -316,7 +316,7 @@ def test_mhpo_gradient_bound(c):
 
 @needs_cpu
 def test_sanity_table():
-    """MHPO_SPEC.md's table at the defaults: weight = -loss / A, mult = -coef / A."""
+    """docs/mhpo.md's sanity table at the defaults: weight = -loss / A, mult = -coef / A."""
     be = _native.backend("cpu")
     rows = [(0.05, 0.0029, 0.0002), (0.5, 0.0669, 0.0544), (1.0, 0.2651, 0.2651), (2.0, 0.4802, 0.3907),
             (20.0, 0.4688, 0.0333)]

@@ -1,4 +1,4 @@
-"""The reference against the spec: gradcheck, the sanity table, the M(r) bound, ablations."""
+"""The reference against docs/mhpo.md: gradcheck, the sanity table, the M(r) bound, ablations."""
 import math
 
 import pytest
@@ -10,7 +10,7 @@ from mhpo_kernels._inputs import LOSS_AGG_MODES
 
 from util import make_case
 
-# MHPO_SPEC.md sanity table at the defaults: r -> (psi, zeta, exp(-zeta), weight, mult)
+# docs/mhpo.md's sanity table at the defaults: r -> (psi, zeta, exp(-zeta), weight, mult)
 SANITY = {
     0.05: (-1.4457, 4.3888, 0.0124, 0.0029, 0.0002),
     0.5: (-0.6477, 2.0570, 0.1278, 0.0669, 0.0544),
