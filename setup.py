@@ -1,9 +1,94 @@
 """Build script. The Python packages always install; the native extension
-(csrc/) is added by ``_native_extensions()``."""
+(csrc/) is added by ``_native_extensions()``, compiled against the torch already
+installed in the target environment (``_installed_torch()``)."""
 import os
 import sys
+import sysconfig
 
 from setuptools import find_packages, setup
+
+TORCH_MIN = "2.11"  # the oldest torch CI tests (install_requires below)
+# setup.py commands that build or install the package; dist_info is pip's wheel-metadata step, which
+# comes before pip resolves (and downloads) the runtime dependencies
+_BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "bdist_egg", "develop", "install", "editable_wheel",
+                   "dist_info"}
+
+
+def _major_minor(version):
+    return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
+
+
+def _installed_torch():
+    """Make the target environment's torch importable for the build, or stop at once.
+
+    The native extensions must be compiled against the torch they will load
+    into. ``pip install .`` builds in an isolated environment that hides the
+    target's site-packages; pyproject.toml does not list torch as a build
+    requirement (pip would download a second torch just for the build), so
+    the torch installed in the environment pip installs into is put back on the
+    path here, after the build environment's own packages. Without any torch,
+    or with one older than TORCH_MIN (pip would replace it after the build, and
+    the extensions would not load), a build stops with a message before
+    compiling or downloading anything; sdist and egg_info go on without torch.
+    """
+    if os.environ.get("MHPO_BUILD_NATIVE") == "0":
+        return
+    try:
+        import torch
+    except ImportError:
+        torch = None
+        paths = sysconfig.get_paths()
+        for path in dict.fromkeys((paths["purelib"], paths["platlib"])):
+            if path not in sys.path and os.path.isdir(os.path.join(path, "torch")):
+                sys.path.append(path)  # pip's build isolation hid it: build against it
+                try:
+                    import torch
+                except ImportError:
+                    sys.path.remove(path)
+                    continue
+                print(f"mhpo-kernels: building against the installed torch {torch.__version__} ({path}); "
+                      "pip's build isolation hides it, nothing else is downloaded")
+                break
+    if not _BUILD_COMMANDS & set(sys.argv[1:]):
+        return
+    if torch is None:
+        sys.exit(
+            "mhpo-kernels: no torch in this environment. The native extensions are compiled against the torch "
+            "they load into, so install it first and build without isolation:\n"
+            f"    pip install 'torch>={TORCH_MIN}' && pip install --no-build-isolation .\n"
+            "(python -m build: --no-isolation), or MHPO_BUILD_NATIVE=0 for a pure-Python install "
+            "(Triton and the reference only)."
+        )
+    if _major_minor(torch.__version__) < _major_minor(TORCH_MIN):
+        sys.exit(
+            f"mhpo-kernels needs torch >= {TORCH_MIN}, this environment has {torch.__version__} "
+            f"({os.path.dirname(torch.__file__)}): upgrade it first (pip install 'torch>={TORCH_MIN}'), then "
+            "pip install --no-build-isolation ."
+        )
+
+
+_installed_torch()
+
+
+def _cuda_skip_reason(torch, cuda_home):
+    """Why the CUDA extension cannot be built here (None when it can)."""
+    if not torch.version.cuda:
+        return f"torch {torch.__version__} is a CPU-only build"
+    if not cuda_home:
+        return "no CUDA toolkit found (CUDA_HOME is not set and no nvcc is on the PATH)"
+    missing = [os.path.join(*p) for p in (("bin", "nvcc"), ("include", "cuda_runtime_api.h"))
+               if not os.path.exists(os.path.join(cuda_home, *p))]
+    if not missing:
+        return None
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return f"CUDA_HOME={cuda_home} is not a CUDA toolkit root (no {' or '.join(missing)})"
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    where = f"the nvcc on the PATH ({nvcc}) is not inside a toolkit root (a wrapper script?)" if nvcc else \
+        "no nvcc on the PATH"
+    return (f"{where}: torch guessed CUDA_HOME={cuda_home}, which has no {' or '.join(missing)}; "
+            "set CUDA_HOME to the toolkit root")
 
 
 def _shared_libstdcxx_link_args():
@@ -60,7 +145,7 @@ def _native_extensions():
     except ImportError:
         if native == "1" or want_cuda == "1":
             raise
-        print("mhpo-kernels: torch not importable, building without the native backends")
+        print("mhpo-kernels: torch not importable: metadata only, no native backends")
         return [], {}
     if os.name == "nt" and native != "1":
         print("mhpo-kernels: the native backends need GCC or Clang; skipped on Windows")
@@ -86,15 +171,10 @@ def _native_extensions():
     ]
 
     cuda_home = cpp_extension.CUDA_HOME  # $CUDA_HOME, else guessed from the nvcc on the PATH
-    nvcc = bool(cuda_home) and all(
-        os.path.exists(os.path.join(cuda_home, *p)) for p in (("bin", "nvcc"), ("include", "cuda_runtime_api.h"))
-    )  # a wrapper nvcc on the PATH makes torch guess a folder that is no toolkit root
-    if want_cuda == "1" and not (nvcc and torch.version.cuda):
-        raise RuntimeError(
-            "MHPO_BUILD_CUDA=1 but no usable CUDA toolkit: set CUDA_HOME to the toolkit root "
-            f"(found {cuda_home!r}) and use a CUDA build of torch (torch.version.cuda={torch.version.cuda})"
-        )
-    if want_cuda != "0" and nvcc and torch.version.cuda:
+    no_cuda = _cuda_skip_reason(torch, cuda_home)  # e.g. a wrapper nvcc on the PATH: no toolkit root
+    if want_cuda == "1" and no_cuda:
+        raise RuntimeError(f"MHPO_BUILD_CUDA=1 but the CUDA extension cannot be built: {no_cuda}")
+    if want_cuda != "0" and not no_cuda:
         archs = [a.strip() for a in os.environ.get("MHPO_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
@@ -107,22 +187,41 @@ def _native_extensions():
                 extra_link_args=_shared_libstdcxx_link_args(),
             )
         )
+        print(f"mhpo-kernels: building the CUDA extension with the toolkit at {cuda_home} (sm {', '.join(archs)})")
     elif want_cuda != "0":
-        print("mhpo-kernels: no CUDA toolkit (CUDA_HOME) or CPU-only torch: building the CPU backend only")
+        print(f"mhpo-kernels: NOT building the CUDA extension (CPU backend only): {no_cuda}")
+    else:
+        print("mhpo-kernels: NOT building the CUDA extension (CPU backend only): MHPO_BUILD_CUDA=0")
     return exts, {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _native_extensions()
 
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as _f:
+    _readme = _f.read()
+
 setup(
     name="mhpo-kernels",
     version="0.1.0",
     description="Fused GPU/CPU kernels for the MHPO policy loss (arXiv 2603.16929)",
+    long_description=_readme,
+    long_description_content_type="text/markdown",
+    project_urls={"Paper": "https://arxiv.org/abs/2603.16929"},
+    classifiers=[
+        "Development Status :: 3 - Alpha",
+        "Intended Audience :: Science/Research",
+        "Operating System :: POSIX :: Linux",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Programming Language :: Python :: 3",
+        "Programming Language :: C++",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
     packages=find_packages(include=["mhpo_kernels", "mhpo_kernels.*", "triton_kernels", "triton_kernels.*"]),
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    python_requires=">=3.10",  # torch >= 2.11 has no wheels for older Pythons
+    # numpy: torch warns on every import without it, and Triton's CPU interpreter needs it
+    install_requires=[f"torch>={TORCH_MIN}", "numpy"],
     extras_require={
-        "test": ["pytest", "numpy"],
+        "test": ["pytest"],
         "bench": ["matplotlib"],
     },
     entry_points={"console_scripts": ["mhpo-kernels=mhpo_kernels.__main__:main"]},

@@ -42,7 +42,9 @@ The reference (``"torch"``) is not a fused backend: it is plain autograd.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 import warnings
 
 import torch
@@ -51,10 +53,22 @@ from ._inputs import BACKENDS
 
 _FUSED = ("triton", "cuda", "cpu")
 _cache: dict = {}
+_errors: dict = {}  # backend name -> the ImportError that made it unavailable
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _import(name: str):
+    """Import a backend's module (raises ImportError when it cannot load)."""
+    if name == "triton":
+        import triton_kernels
+
+        return triton_kernels
+    from . import _native
+
+    return _native.backend(name)
 
 
 def _load(name: str):
@@ -63,18 +77,59 @@ def _load(name: str):
         return _cache[name]
     mod = None
     try:
-        if name == "triton":
-            import triton_kernels as mod  # noqa: F811
-        elif name in ("cuda", "cpu"):
-            from . import _native
-
-            mod = _native.backend(name)
+        if name in _FUSED:
+            mod = _import(name)
     except ImportError as e:  # an optional dependency or the extension is missing
         if os.environ.get("MHPO_VERBOSE"):
             warnings.warn(f"mhpo_kernels: backend {name!r} unavailable: {e}")
+        _errors[name] = e
         mod = None
     _cache[name] = mod
     return mod
+
+
+def _triton_interpreted(mod) -> bool:
+    """Whether Triton built the kernels for its interpreter, i.e. TRITON_INTERPRET was set when
+    they were first imported (Triton reads it then, not at launch)."""
+    if "triton:interpreted" not in _cache:
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:  # the interpreter itself cannot load (numpy missing): nothing was built for it
+            found = False
+        else:
+            prefix = mod.__name__ + "."
+            mods = [mod] + [m for n, m in list(sys.modules.items()) if n.startswith(prefix) and m is not None]
+            found = any(isinstance(v, InterpretedFunction) for m in mods for v in vars(m).values())
+        _cache["triton:interpreted"] = found
+    return _cache["triton:interpreted"]
+
+
+def unavailable_reason(name: str, device) -> str:
+    """Why backend ``name`` cannot run tensors on ``device`` here ("" when it can)."""
+    device = torch.device(device)
+    if name == "torch" or _supports(name, device):
+        return ""
+    err = _errors.get(name)
+    if name == "triton" and err is not None:
+        missing = getattr(err, "name", None)
+        if missing == "triton":
+            return "Triton is not installed (pip install triton)"
+        if missing == "numpy":
+            return "Triton's interpreter needs numpy, which is not installed (pip install numpy)"
+        return f"the Triton kernels failed to import: {type(err).__name__}: {err}"
+    if err is not None:
+        return f"the native extension is not built or does not load ({err}); see README"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device in this process"
+    if name == "triton" and device.type == "cpu":
+        if not triton_interpret():
+            numpy = "" if importlib.util.find_spec("numpy") else " (and install numpy, which the interpreter needs)"
+            return ("Triton runs CPU tensors only through its interpreter: set TRITON_INTERPRET=1 in the environment "
+                    f"before the first import of triton{numpy}; setting it later gives '0 active drivers'")
+        return ("TRITON_INTERPRET=1 was set after the Triton kernels were imported, so they were built for a GPU "
+                "('0 active drivers' on CPU tensors): set it before the first import of triton")
+    kinds = {"cuda": "CUDA tensors", "cpu": "CPU tensors", "triton": "CUDA tensors (CPU ones through its interpreter)"}
+    return f"it runs {kinds.get(name, 'other tensors')}"
 
 
 def _supports(name: str, device: torch.device) -> bool:
@@ -83,7 +138,8 @@ def _supports(name: str, device: torch.device) -> bool:
     if device.type == "cuda" and not torch.cuda.is_available():
         return False
     if name == "triton":
-        return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpret()
+                                         and _triton_interpreted(_load(name)))
     return device.type == name
 
 
@@ -114,13 +170,8 @@ def resolve(backend: str, device: torch.device) -> str:
         order = ("triton", "cuda") if device.type == "cuda" else ("cpu",)
         return next((b for b in order if _supports(b, device)), "torch")
     if backend != "torch" and not _supports(backend, device):
-        hint = ""
-        if backend == "triton" and device.type == "cpu":
-            hint = " (Triton runs CPU tensors only with TRITON_INTERPRET=1)"
-        elif backend in ("cuda", "cpu") and _load(backend) is None:
-            hint = " (the native extension is not built; see README)"
         raise RuntimeError(
-            f"backend {backend!r} is not available for {device.type} tensors{hint}; "
+            f"backend {backend!r} is not available for {device.type} tensors ({unavailable_reason(backend, device)}); "
             f"available: {available_backends(device)}"
         )
     return backend

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -28,6 +29,27 @@ GRAD_TOL = {
 }
 SCALAR_TOL = (2e-5, 2e-5)
 INTERPRET_MAX_ELEMS = 600_000  # Triton's interpreter: ~1 us per element and pass
+
+
+def source(root=None) -> str:
+    """Which code is running: ``"<version> @ <commit>"`` when the package is imported from a
+    git checkout of this project (an editable install), else ``"<version> (installed package)"``.
+
+    An installed package (a wheel) has no commit; and a site-packages folder inside some
+    other git repository (a venv in a project folder) must not report that repository's commit.
+    """
+    from . import __version__
+    from ._bench_utils import ROOT, git_commit
+
+    root = os.path.realpath(root or ROOT)
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        top = ""
+    if top and os.path.realpath(top) == root and os.path.isdir(os.path.join(root, "mhpo_kernels")):
+        return f"{__version__} @ {git_commit(root)}"
+    return f"{__version__} (installed package)"
 
 
 def _cases(quick: bool, large: bool):
@@ -113,19 +135,20 @@ def main(argv=None) -> int:
     import mhpo_kernels as mk
 
     from ._bench_utils import env_info, fmt_bytes, table
+    from .backends import unavailable_reason
 
     info = env_info(device)
     avail = mk.available_backends(device)
     backends = avail if args.backends is None else args.backends
     unknown = [b for b in backends if b not in avail]
-    print(f"mhpo-kernels {info['mhpo_kernels']} @ {info['commit']} | torch {info['torch']} | triton {info['triton']}")
+    print(f"mhpo-kernels {source()} | torch {info['torch']} | triton {info['triton']}")
     print(f"device: {info['device_name']} | available backends: {', '.join(avail)}"
           + (" (triton through the interpreter)" if "triton" in avail and device.type == "cpu" else ""))
     for b in unknown:
-        print(f"  {b}: not available on {device.type}; skipped")
+        print(f"  {b}: not available on {device.type} ({unavailable_reason(b, device)}); skipped")
     backends = [b for b in backends if b in avail]
     if device.type == "cpu" and "triton" not in avail and args.interpret != "off":
-        print("  triton: needs a CUDA device or TRITON_INTERPRET=1 set before import; skipped")
+        print(f"  triton: {unavailable_reason('triton', device)}; skipped")
 
     rows, notes, failed = [], [], False
     t_start = time.perf_counter()
