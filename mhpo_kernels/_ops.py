@@ -64,10 +64,26 @@ def _(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, back
     return None
 
 
+def _eager(t: Tensor) -> bool:
+    """True when ``t`` is a real tensor in an eager call, False while any tracer runs.
+
+    ``torch.compiler.is_compiling()`` alone does not tell: torch 2.11 sets it only
+    inside code Dynamo traces, and AOTAutograd traces this op's autograd formula
+    afterwards with the flag off. A tracer (AOTAutograd, ``make_fx``, export)
+    always hands the formula fake / functional tensor subclasses, on every torch.
+    """
+    if torch.compiler.is_compiling() or type(t) not in (torch.Tensor, torch.nn.Parameter):
+        return False
+    return not torch._is_functional_tensor(t)
+
+
 def _setup_context(ctx, inputs, output):
     logits, target = inputs[0], inputs[1]
     _, entropy, lse, _, coef = output
-    ctx.want_entropy, ctx.inplace, ctx.backend = inputs[11], inputs[12], inputs[13]
+    ctx.want_entropy, ctx.backend = inputs[11], inputs[13]
+    # In-place is decided here, where the forward is traced: a compiled graph gets the
+    # out-of-place backward (it must not write into a saved graph input).
+    ctx.inplace = inputs[12] and _eager(logits)
     ctx.temperature, ctx.ignore_index = inputs[9], inputs[10]
     ctx.save_for_backward(logits, target, lse, entropy, coef)
 
@@ -82,10 +98,10 @@ def _backward(ctx, g_logp, g_ent, g_lse, g_loss, g_coef):
     has_dent = ctx.want_entropy and g_ent is not None
     args = (target, lse, entropy if has_dent else None, dlogp.contiguous(),
             g_ent.contiguous() if has_dent else None, ctx.temperature, ctx.ignore_index, ctx.backend)
-    if ctx.inplace and not torch.compiler.is_compiling():
+    if ctx.inplace and _eager(logits):
         fused_bwd_(logits, *args)
         grad = logits
-    else:  # under torch.compile the gradient gets its own buffer (a graph cannot mutate a saved input)
+    else:  # traced (torch.compile, export): the gradient gets its own buffer
         grad = fused_bwd(logits, *args)
     return (grad,) + (None,) * 13
 

@@ -122,17 +122,26 @@ def test_compile_fullgraph_matches_eager(backend, no_poison):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_compile_inplace_backward_falls_back(backend, no_poison):
+@pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "activation"])
+def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):
+    """Under torch.compile inplace_backward is ignored: the graph compiles with the logits a
+    leaf or an activation, the gradient is right, and the logits still hold their values."""
     torch._dynamo.reset()
     a, _ = args(V=37, shape=(3, 7))
     logits = a.pop("logits")
-    f = torch.compile(lambda z: mk.mhpo_loss(z, **a, backend=backend, inplace_backward=True).loss, fullgraph=True)
-    z = logits.clone().requires_grad_()
-    h = z * 1.0
-    f(h).backward()
     want = logits.clone().requires_grad_()
     mk.mhpo_loss(want, **a, backend="torch").loss.backward()
+    mk.mhpo_loss(logits, **a, backend=backend)  # a native extension loads outside the trace
+    f = torch.compile(lambda z: mk.mhpo_loss(z, **a, backend=backend, inplace_backward=True).loss, fullgraph=True)
+    z = logits.clone().requires_grad_()
+    h = z if leaf else z * 1.0
+    # no compiled-graph caches: a graph compiled by an earlier version of the op must not answer
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        f(h).backward()
     assert_close(z.grad, want.grad, *TOL[torch.float32], "grad")
+    unchanged = torch.equal(h.detach(), logits)
+    assert unchanged, "the compiled backward wrote the gradient into the logits"
 
 
 @pytest.mark.parametrize("backend", FUSED)
