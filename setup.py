@@ -206,6 +206,7 @@ setup(
     description="Fused GPU/CPU kernels for the MHPO policy loss (arXiv 2603.16929)",
     long_description=_readme,
     long_description_content_type="text/markdown",
+    license="MIT",
     project_urls={"Paper": "https://arxiv.org/abs/2603.16929"},
     classifiers=[
         "Development Status :: 3 - Alpha",
