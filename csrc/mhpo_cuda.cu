@@ -192,7 +192,9 @@ __global__ void __launch_bounds__(kBlock) fwd_kernel(const FwdArgs a) {
     if (lane == 0) {
       float lse, h;
       softmax_state_finalize(st, inv_t, &lse, &h);
-      const float lp = owned ? zy * inv_t - lse : 0.0f;
+      // (z_y - m) / T - log s, not z_y / T - lse: exactly 0 for a one-element row, whether or
+      // not the compiler fuses the multiply into the subtraction
+      const float lp = owned ? (zy - st.m) * inv_t - logf(st.s) : 0.0f;
       a.lse[row] = lse;
       a.logp[row] = lp;
       if (ENT) a.entropy[row] = valid ? h : 0.0f;
@@ -242,7 +244,7 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(const BwdArgs a) {
     const int64_t yl = y - a.vocab_start;  // -1: the target is in another vocabulary shard
     const int yi = (yl >= 0 && yl < V) ? static_cast<int>(yl) : -1;
     auto grad = [&](float z, int v) {
-      const float lp = z * inv_t - lse;
+      const float lp = __fmul_rn(z, inv_t) - lse;  // never fused: z * inv_t rounded as in lse
       const float pv = __expf(lp);
       float gr = (v == yi ? dl : 0.0f) - dl * pv;
       if (ENT) gr -= de * (pv > 0.0f ? pv * (lp + H) : 0.0f);

@@ -24,6 +24,15 @@ def _k3(d, ed):
 
 
 @triton.jit
+def _scale(z, inv_t):
+    # x = z * inv_t rounded once, in every kernel alike (CPU and CUDA backends too). An
+    # explicit fma with a zero addend: a plain multiply may be fused by ptxas into the
+    # subtraction that follows (z * inv_t - lse), which leaves the product's rounding
+    # error in log p where it must be exactly 0 (V = 1).
+    return tl.math.fma(z, inv_t, 0.0)
+
+
+@triton.jit
 def _fwd_kernel(
     logits_ptr, stride_n, target_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr,
     logp_ptr, ent_ptr, lse_ptr, loss_ptr, coef_ptr,
@@ -39,9 +48,10 @@ def _fwd_kernel(
     m = tl.full((), float("-inf"), tl.float32)
     s = tl.zeros((), tl.float32)
     t = tl.zeros((), tl.float32)
+    inv_t = tl.math.div_rn(1.0, T)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) / T
+        x = _scale(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32), inv_t)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep it finite
         alpha = tl.exp(m - m_ref)
@@ -53,15 +63,17 @@ def _fwd_kernel(
         s = s * alpha + tl.sum(e, 0)
         m = m_new
     log_s = tl.log(s)
-    lse = tl.where(m == float("-inf"), 0.0, m) + log_s
+    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_fin + log_s
 
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
     # a vocabulary shard holds ids [vocab_start, vocab_start + V); logp is the shard-local one
     y_loc = y - vocab_start
     owned = valid & (y_loc >= 0) & (y_loc < V)
-    x_y = tl.load(row_ptr + tl.where(owned, y_loc, 0)).to(tl.float32) / T
-    logp = tl.where(owned, x_y - lse, 0.0)
+    x_y = _scale(tl.load(row_ptr + tl.where(owned, y_loc, 0)).to(tl.float32), inv_t)
+    # (x - m) - log s, not x - (m + log s): exactly 0 when the row has one element
+    logp = tl.where(owned, (x_y - m_fin) - log_s, 0.0)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
     if WANT_ENT:
@@ -105,16 +117,17 @@ def _bwd_kernel(
         ge = tl.load(dent_ptr + row)
         H = tl.load(ent_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
+    inv_t = tl.math.div_rn(1.0, T)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         inb = cols < V
-        logp = tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32) / T - lse
+        logp = _scale(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
         p = tl.exp(logp)
         # d logp_y / dx = onehot - p ;  d H / dx = -p (log p + H)
         grad = tl.where(cols == y_loc, g, 0.0) - g * p
         if HAS_DENT:
             grad -= ge * p * tl.where(p > 0.0, logp + H, 0.0)
-        grad = tl.where(valid, grad / T, 0.0)
+        grad = tl.where(valid, grad * inv_t, 0.0)
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=inb)
 
 
