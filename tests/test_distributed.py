@@ -75,7 +75,7 @@ def _check_losses(rank, backend, sizes):
     from util import make_case
 
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    logits, ids, old, adv, mask, ref = make_case((3, 7), sum(sizes), torch.float32, seed=5)
+    logits, ids, old, adv, mask, ref = make_case((3, 7), sum(sizes), torch.float32, device="cpu", seed=5)
     group = dist.group.WORLD
     calls = [
         lambda z, **k: mk.mhpo_loss(z, ids, old, adv, mask, ref_logprobs=ref, beta=0.1, return_entropy=True,
@@ -119,7 +119,7 @@ def _check_fused_linear_once(rank, backend, sizes, sent, through_entropy):
     V, H = sum(sizes), 16
     g = torch.Generator().manual_seed(6)
     hidden, W, b = torch.randn(3, 7, H, generator=g), torch.randn(V, H, generator=g) * 0.3, torch.randn(V, generator=g)
-    _, ids, old, adv, mask, ref = make_case((3, 7), V, torch.float32, seed=6)
+    _, ids, old, adv, mask, ref = make_case((3, 7), V, torch.float32, device="cpu", seed=6)
     with torch.no_grad():  # old / ref log-probs near the model's own: ratios around 1
         lp = torch.log_softmax(hidden @ W.T + b, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
         old = torch.where(torch.isfinite(old), lp + 0.3 * torch.randn(3, 7, generator=g), old)
@@ -168,6 +168,17 @@ def _check_all_inf_shard(rank, backend):
         assert torch.equal(shard.grad, torch.zeros_like(shard.grad))
 
 
+def _check_one_token_vocabulary(backend):
+    """V = 1 on one rank: log-prob, entropy and gradient exactly 0 through the sharded path too."""
+    logits, ids, g_logp, g_ent = full_case(3, v=1)
+    shard = (logits * 40).requires_grad_()
+    logp, ent, _, _ = vocab_parallel_logprobs(shard, ids, group=None, temperature=0.7, return_entropy=True,
+                                              backend=backend)
+    assert torch.equal(logp, torch.zeros_like(logp)) and torch.equal(ent, torch.zeros_like(ent)), backend
+    ((logp * g_logp).sum() + (ent * g_ent).sum()).backward()
+    assert torch.equal(shard.grad, torch.zeros_like(shard.grad)), backend
+
+
 # Layouts per world size: (sizes, explicit starts or None). Spawning ranks is
 # the slow part, so each world size runs every layout and backend in one group.
 LAYOUTS = {
@@ -193,6 +204,8 @@ def _worker(rank, world, init_file, backends_):
                 _check_layout(rank, backend, sizes, starts, 0, sent)
             _check_losses(rank, backend, LAYOUTS[world][0][0])
             _check_fused_linear(rank, backend, LAYOUTS[world][0][0])
+            if world == 1:
+                _check_one_token_vocabulary(backend)
         if world == 2:
             # O(N) communication: the same bytes for a 10x larger vocabulary
             small = _check_layout(rank, "torch", [32, 32], None, 1, sent)

@@ -10,8 +10,9 @@ from mhpo_kernels._inputs import LOSS_AGG_MODES
 from mhpo_kernels.fused_linear import default_chunk_size
 
 from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from util import device_for, fused_backends
 
-FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+FUSED = fused_backends()  # each on its own device (util.device_for)
 BACKENDS = FUSED + ["torch"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SHAPES = {"N1": (1,), "N37": (37,), "B3T13": (3, 13)}
@@ -19,8 +20,9 @@ CONTROLS = {"mhpo": mk.MHPOConfig(), "clip": mk.ClipConfig(eps_low=0.2, eps_high
 H, V = 24, 257  # V = 257 is not a multiple of any chunk; N = 37 is not a multiple of chunk_size = 16
 
 
-def make_linear_case(shape, V, H, dtype, *, seed=0, bias=True, ratio_spread=0.3):
-    """hidden, weight, bias, ids, old, adv, mask, ref; old / ref are the true log-probs plus noise."""
+def make_linear_case(shape, V, H, dtype, *, backend, seed=0, bias=True, ratio_spread=0.3):
+    """hidden, weight, bias, ids, old, adv, mask, ref on device_for(backend); old / ref are the true
+    log-probs plus noise."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*shape, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 0.5).to(dtype)
@@ -38,7 +40,7 @@ def make_linear_case(shape, V, H, dtype, *, seed=0, bias=True, ratio_spread=0.3)
     adv[mask == 0] = float("nan")
     ref = (logp + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
     ref[mask == 0] = float("-inf")
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device_for(backend))  # noqa: E731
     return tuple(to(t) for t in (hidden, weight, b, ids, old, adv, mask, ref))
 
 
@@ -126,7 +128,7 @@ def test_grid(backend, dtype, shape, ctrl):
     i = GRID.index((dtype, shape, ctrl))  # cycle the remaining options over the grid
     kw = dict(temperature=(1.0, 0.7)[i % 2], loss_agg_mode=LOSS_AGG_MODES[(i // 2) % 4],
               beta=(0.0, 0.1)[(i // 3) % 2], chunk_size=16, ratio_control=CONTROLS[ctrl])
-    case = make_linear_case(SHAPES[shape], V, H, DTYPES[dtype], seed=i, bias=bool(i % 3))
+    case = make_linear_case(SHAPES[shape], V, H, DTYPES[dtype], backend=backend, seed=i, bias=bool(i % 3))
     check(backend, case, DTYPES[dtype], upstream_seed=i, return_entropy=bool(i % 2), **kw)
 
 
@@ -137,7 +139,7 @@ OPTIONS = list(itertools.product(LOSS_AGG_MODES, (1.0, 0.7), (0.0, 0.1)))
 @pytest.mark.parametrize("agg,temperature,beta", OPTIONS,
                          ids=[f"{a}-T{t}-beta{b}" for a, t, b in OPTIONS])
 def test_options(backend, agg, temperature, beta):
-    case = make_linear_case((3, 13), V, H, torch.float32, seed=7)
+    case = make_linear_case((3, 13), V, H, torch.float32, backend=backend, seed=7)
     check(backend, case, torch.float32, loss_agg_mode=agg, temperature=temperature, beta=beta, chunk_size=8,
           return_entropy=False, unit_upstream=True)
 
@@ -146,7 +148,7 @@ def test_options(backend, agg, temperature, beta):
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000, None])
 def test_chunk_sizes_agree(backend, chunk_size):
     """The result does not depend on the chunking (up to fp32 summation order)."""
-    case = make_linear_case((37,), V, H, torch.float32, seed=9)
+    case = make_linear_case((37,), V, H, torch.float32, backend=backend, seed=9)
     out, grads = run("fused", case, backend=backend, chunk_size=chunk_size, beta=0.1)
     want, want_grads = run("unfused", case, backend=backend, beta=0.1)
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
@@ -156,7 +158,8 @@ def test_chunk_sizes_agree(backend, chunk_size):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_inactive_rows_get_exact_zero_gradient(backend):
-    hidden, weight, bias, ids, old, adv, mask, ref = make_linear_case((4, 8), V, H, torch.bfloat16, seed=5)
+    hidden, weight, bias, ids, old, adv, mask, ref = make_linear_case((4, 8), V, H, torch.bfloat16, backend=backend,
+                                                                      seed=5)
     _, (gh, _, _) = run("fused", (hidden, weight, bias, ids, old, adv, mask, ref), backend=backend, beta=0.1,
                         return_entropy=False, chunk_size=6)
     inactive = (mask == 0) | (ids == -100)
@@ -166,7 +169,7 @@ def test_inactive_rows_get_exact_zero_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_grad_frozen_and_empty(backend):
-    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((37,), V, H, torch.float32, seed=2)
+    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((37,), V, H, torch.float32, backend=backend, seed=2)
     with torch.no_grad():
         out = mk.fused_linear_mhpo_loss(hidden.requires_grad_(), weight, ids, old, adv, mask, bias=bias,
                                         backend=backend, chunk_size=8)
@@ -178,9 +181,9 @@ def test_no_grad_frozen_and_empty(backend):
     mk.fused_linear_mhpo_loss(h, weight, ids, old, adv, mask, bias=bias, backend=backend).loss.backward()
     assert h.grad is not None and torch.isfinite(h.grad).all()
     # N = 0
-    h0 = torch.randn(0, H, device=DEVICE, requires_grad=True)
+    h0 = torch.randn(0, H, device=hidden.device, requires_grad=True)
     w0 = weight.clone().requires_grad_()
-    z = torch.zeros(0, device=DEVICE)
+    z = torch.zeros(0, device=hidden.device)
     out = mk.fused_linear_mhpo_loss(h0, w0, z.long(), z, z, backend=backend, return_entropy=True)
     out.loss.backward()
     assert out.loss.item() == 0.0 and torch.equal(w0.grad, torch.zeros_like(w0))
@@ -188,22 +191,24 @@ def test_no_grad_frozen_and_empty(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_second_backward_raises(backend):
-    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((5,), V, H, torch.float32, seed=3)
+    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((5,), V, H, torch.float32, backend=backend, seed=3)
     out = mk.fused_linear_mhpo_loss(hidden.requires_grad_(), weight, ids, old, adv, mask, backend=backend)
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         out.loss.backward()
 
 
-def test_bad_inputs():
-    h, w = torch.randn(4, 8), torch.randn(11, 8)
-    ids, z = torch.zeros(4, dtype=torch.long), torch.zeros(4)
+@pytest.mark.parametrize("backend", FUSED)
+def test_bad_inputs(backend):
+    dev = device_for(backend)
+    h, w = torch.randn(4, 8, device=dev), torch.randn(11, 8, device=dev)
+    ids, z = torch.zeros(4, dtype=torch.long, device=dev), torch.zeros(4, device=dev)
     with pytest.raises(ValueError, match="weight must be"):
-        mk.fused_linear_mhpo_loss(h, torch.randn(11, 7), ids, z, z)
+        mk.fused_linear_mhpo_loss(h, torch.randn(11, 7, device=dev), ids, z, z)
     with pytest.raises(TypeError, match="same dtype"):
         mk.fused_linear_mhpo_loss(h, w.double(), ids, z, z)
     with pytest.raises(ValueError, match="bias"):
-        mk.fused_linear_mhpo_loss(h, w, ids, z, z, bias=torch.zeros(10))
+        mk.fused_linear_mhpo_loss(h, w, ids, z, z, bias=torch.zeros(10, device=dev))
     with pytest.raises(ValueError, match="not both"):
         mk.fused_linear_mhpo_loss(h, w, ids, z, z, config=mk.MHPOConfig(), ratio_control=mk.ClipConfig())
     with pytest.raises(TypeError, match="MHPOConfig"):
@@ -211,9 +216,9 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="token-level"):
         mk.fused_linear_mhpo_loss(h, w, ids, z, z, ratio_control=mk.GSPOConfig())
     with pytest.raises(ValueError, match=r"target_ids\[2\]"):
-        mk.fused_linear_mhpo_loss(h, w, torch.tensor([0, 1, 11, 2]), z, z, backend=BACKENDS[0])
+        mk.fused_linear_mhpo_loss(h, w, torch.tensor([0, 1, 11, 2], device=dev), z, z, backend=backend)
     with pytest.raises(ValueError, match="chunk_size"):
-        mk.fused_linear_mhpo_loss(h, w, ids, z, z, chunk_size=0, backend=BACKENDS[0])
+        mk.fused_linear_mhpo_loss(h, w, ids, z, z, chunk_size=0, backend=backend)
 
 
 def test_default_chunk_size():
@@ -226,8 +231,9 @@ def test_default_chunk_size():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_module_matches_function(backend):
-    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((3, 13), V, H, torch.float32, seed=11)
-    head = torch.nn.Linear(H, V).to(DEVICE)
+    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((3, 13), V, H, torch.float32, backend=backend,
+                                                                    seed=11)
+    head = torch.nn.Linear(H, V).to(hidden.device)
     with torch.no_grad():
         head.weight.copy_(weight)
         head.bias.copy_(bias)
@@ -257,19 +263,22 @@ def _fsdp_wrappers():
     return out
 
 
+@pytest.mark.parametrize("backend", [next(b for b in BACKENDS if device_for(b) == DEVICE)])
 @pytest.mark.parametrize("wrapper", _fsdp_wrappers())
-def test_fsdp_single_process_gloo(wrapper, tmp_path):
-    """MHPOLinearLoss gathers an FSDP-sharded lm_head: the loss runs inside lm_head's forward."""
+def test_fsdp_single_process_gloo(wrapper, backend, tmp_path):
+    """MHPOLinearLoss gathers an FSDP-sharded lm_head: the loss runs inside lm_head's forward.
+    The module, inputs and targets live on the device under test (the GPU where there is one)."""
     import torch.distributed as dist
     import torch.distributed.fsdp as fsdp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((3, 13), V, H, torch.float32, seed=12)
-    hidden, weight, bias, ids, old, adv, mask = (t.cpu() for t in (hidden, weight, bias, ids, old, adv, mask))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    hidden, weight, bias, ids, old, adv, mask, _ = make_linear_case((3, 13), V, H, torch.float32, backend=backend,
+                                                                    seed=12)
+    pg = "nccl" if DEVICE.type == "cuda" else "gloo"
+    dist.init_process_group(pg, init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
-        head = torch.nn.Linear(H, V)
+        head = torch.nn.Linear(H, V).to(DEVICE)
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.copy_(bias)
@@ -282,7 +291,7 @@ def test_fsdp_single_process_gloo(wrapper, tmp_path):
                 if "accelerator" in str(e):
                     pytest.skip(f"FSDP1: {e}")
                 raise
-        loss_fn = mk.MHPOLinearLoss(head, backend=BACKENDS[0] if DEVICE.type == "cpu" else "torch", chunk_size=8)
+        loss_fn = mk.MHPOLinearLoss(head, backend=backend, chunk_size=8)
         h = hidden.clone().requires_grad_()
         out = loss_fn(h, ids, old, adv, mask)
         out.loss.backward()

@@ -12,10 +12,11 @@ import mhpo_kernels as mk
 from mhpo_kernels import reference as R
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 
-from conftest import DEVICE, SCALAR_TOL, TOL, assert_close, assert_compiled_matches_eager, backward_random
-from util import make_case
+from conftest import SCALAR_TOL, TOL, assert_close, assert_compiled_matches_eager, backward_random
+from util import device_for, fused_backends, make_case
 
-FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+FUSED = fused_backends()  # each on its own device (util.device_for)
+FROM_LOGPROBS = "from_logprobs"  # the backend-free path: tensors on util.DEVICE
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # name -> (ratio_control, importance_sampling_level)
@@ -38,14 +39,15 @@ SHAPES = {"N37": ((37,), None), "B3T13": ((3, 13), None), "packed37": ((37,), [0
 MASKED_SEQ = slice(17, 30)
 
 
-def case_for(shape_name, V, dtype, seed, **kw):
+def case_for(shape_name, V, dtype, seed, *, backend, **kw):
+    """make_case for a named token shape, plus cu_seqlens, on device_for(backend)."""
     shape, cu = SHAPES[shape_name]
-    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=seed, **kw)
+    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=seed, device="cpu", **kw)
     if cu is not None:
         mask[MASKED_SEQ] = 0
         old[MASKED_SEQ], adv[MASKED_SEQ] = float("inf"), float("nan")
         cu = torch.tensor(cu, dtype=torch.int32)
-    to = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device_for(backend))  # noqa: E731
     return tuple(to(t) for t in (logits, ids, old, adv, mask, ref, cu))
 
 
@@ -90,7 +92,7 @@ def test_mode_vs_reference(backend, mode, shape):
     kw = dict(loss_agg_mode=LOSS_AGG_MODES[(i // 3) % 4], temperature=(1.0, 0.7)[i % 2],
               beta=(0.0, 0.1)[(i // 2) % 2], return_entropy=bool((i // 4) % 2 == 0),
               inplace_backward=bool((i // 5) % 2))
-    case = case_for(shape, (127, 1031)[(i // 7) % 2], dtype, seed=i, ratio_spread=0.5)
+    case = case_for(shape, (127, 1031)[(i // 7) % 2], dtype, seed=i, backend=backend, ratio_spread=0.5)
     out, grad = run(backend, case, mode=mode, upstream_seed=i, **kw)
     kw.pop("inplace_backward")
     want, want_grad = run("torch", double(case), mode=mode, upstream_seed=i, **kw)
@@ -100,7 +102,8 @@ def test_mode_vs_reference(backend, mode, shape):
 
 
 def logprob_case(shape_name, seed, dtype=torch.float64):
-    logits, ids, old, adv, mask, ref, cu = case_for(shape_name, 17, torch.float64, seed=seed, ratio_spread=0.5)
+    logits, ids, old, adv, mask, ref, cu = case_for(shape_name, 17, torch.float64, seed=seed, backend=FROM_LOGPROBS,
+                                                    ratio_spread=0.5)
     logp = torch.log_softmax(logits, -1).gather(-1, ids.clamp(min=0)[..., None])[..., 0]
     mask = mask * (ids != -100)
     logp = torch.where(mask != 0, logp, torch.full_like(logp, float("-inf")))  # garbage where masked
@@ -139,7 +142,8 @@ def test_from_logprobs_vs_reference(mode, shape, agg):
 @pytest.mark.parametrize("mode", ["mhpo", "dapo_dual_delta", "sapo"])
 def test_token_modes_epilogue_vs_from_logprobs(backend, mode):
     """The kernel epilogue and the torch surrogate of policy_loss_from_logprobs agree (same gradient w.r.t. logits)."""
-    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.float32, seed=11, ratio_spread=1.0)
+    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.float32, seed=11, backend=backend,
+                                                   ratio_spread=1.0)
     cfg, level = MODES[mode]
     want, want_grad = run(backend, (logits, ids, old, adv, mask, ref, None), mode=mode, beta=0.1,
                           return_entropy=False)
@@ -158,7 +162,7 @@ def test_token_modes_epilogue_vs_from_logprobs(backend, mode):
 LENGTHS = [6, 0, 11, 3, 11]  # an empty sequence; T_max = 11
 
 
-def padded_and_packed(V, seed):
+def padded_and_packed(V, seed, backend):
     """The same data as [B, T_max, V] (padded to the longest sequence) and packed [N, V] + cu_seqlens."""
     g = torch.Generator().manual_seed(seed)
     B, T = len(LENGTHS), max(LENGTHS)
@@ -175,10 +179,10 @@ def padded_and_packed(V, seed):
     old[~valid], adv[~valid] = float("inf"), float("nan")  # garbage in the padding
     cu = torch.tensor([0] + list(itertools.accumulate(LENGTHS)), dtype=torch.int64)
     pack = lambda t: t[valid]  # noqa: E731
-    dev = lambda ts: tuple(t.to(DEVICE) for t in ts)  # noqa: E731
+    dev = lambda ts: tuple(t.to(device_for(backend)) for t in ts)  # noqa: E731
     padded = dev((logits, ids, old, adv, mask, ref))
     packed = dev((pack(logits), pack(ids), pack(old), pack(adv), pack(mask), pack(ref), cu))
-    return padded, packed, valid.to(DEVICE)
+    return padded, packed, valid.to(device_for(backend))
 
 
 PACK_GRID = list(itertools.product(["mhpo", "dapo_dual_delta", "gspo_wide", "mhpo_seq"], LOSS_AGG_MODES))
@@ -187,10 +191,10 @@ PACK_GRID = list(itertools.product(["mhpo", "dapo_dual_delta", "gspo_wide", "mhp
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("mode,agg", PACK_GRID, ids=[f"{m}-{a}" for m, a in PACK_GRID])
 def test_packed_equals_padded(backend, mode, agg):
-    padded, packed, valid = padded_and_packed(V=67, seed=PACK_GRID.index((mode, agg)))
+    padded, packed, valid = padded_and_packed(V=67, seed=PACK_GRID.index((mode, agg)), backend=backend)
     cfg, level = MODES[mode]
     g = torch.Generator().manual_seed(1)
-    ent_w = torch.randn(valid.shape, generator=g).to(DEVICE) * valid  # the same upstream entropy gradient
+    ent_w = torch.randn(valid.shape, generator=g).to(valid.device) * valid  # the same upstream entropy gradient
     results = []
     for (logits, ids, old, adv, mask, ref), cu_, w in ((padded, None, ent_w), (packed[:6], packed[6], ent_w[valid])):
         z = logits.clone().requires_grad_()
@@ -210,7 +214,7 @@ def test_packed_equals_padded(backend, mode, agg):
 
 @pytest.mark.parametrize("mode", list(MODES))
 def test_packed_equals_padded_from_logprobs(mode):
-    padded, packed, valid = padded_and_packed(V=13, seed=3)
+    padded, packed, valid = padded_and_packed(V=13, seed=3, backend=FROM_LOGPROBS)
     cfg, level = MODES[mode]
     lp = torch.log_softmax(padded[0].double(), -1).gather(-1, padded[1].clamp(min=0)[..., None])[..., 0]
     for agg in LOSS_AGG_MODES:
@@ -230,14 +234,15 @@ def test_packed_equals_padded_from_logprobs(mode):
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 def test_packed_empty_and_all_masked(backend, mode, agg):
     cfg, level = MODES[mode]
+    dev = device_for(backend)
     for cu in ([0], [0, 0, 0]):  # no sequences; only empty sequences
-        logits = torch.randn(0, 17, device=DEVICE, requires_grad=True)
-        z = torch.zeros(0, device=DEVICE)
-        out = mk.policy_loss(logits, z.long(), z, z, ratio_control=cfg, cu_seqlens=torch.tensor(cu, device=DEVICE),
+        logits = torch.randn(0, 17, device=dev, requires_grad=True)
+        z = torch.zeros(0, device=dev)
+        out = mk.policy_loss(logits, z.long(), z, z, ratio_control=cfg, cu_seqlens=torch.tensor(cu, device=dev),
                              loss_agg_mode=agg, backend=backend, return_entropy=True)
         out.loss.backward()
         assert out.loss.item() == 0.0 and logits.grad.shape == logits.shape
-    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=6)
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=6, backend=backend)
     out, grad = run(backend, (logits, ids, old, adv, torch.zeros_like(mask), ref, cu), mode=mode,
                     loss_agg_mode=agg, beta=0.1, return_entropy=False)
     assert out.loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
@@ -256,7 +261,7 @@ TLP_GRID = [("fp32", 1031, (37,)), ("bf16", 127, (3, 13)), ("fp16", 4099, (5,)),
 def test_token_logprobs(backend, dtype, V, shape, return_entropy):
     """Against log_softmax(...).gather and -sum(p log p) in float64, in value and gradient."""
     dtype = DTYPES[dtype]
-    logits, ids, *_ = make_case(shape, V, dtype, seed=V, device=DEVICE, ref=False)
+    logits, ids, *_ = make_case(shape, V, dtype, backend=backend, seed=V, ref=False)
     T = 0.8
     z = logits.clone().requires_grad_()
     got = mk.token_logprobs(z, ids, temperature=T, return_entropy=return_entropy, backend=backend)
@@ -268,7 +273,7 @@ def test_token_logprobs(backend, dtype, V, shape, return_entropy):
     want = torch.where(valid, lsm.gather(-1, ids.clamp(min=0)[..., None])[..., 0], 0.0)
     want_ent = torch.where(valid, -(lsm.exp() * lsm).sum(-1), 0.0)
     g = torch.Generator().manual_seed(1)
-    g_logp, g_ent = torch.randn(shape, generator=g).to(DEVICE), torch.randn(shape, generator=g).to(DEVICE)
+    g_logp, g_ent = torch.randn(shape, generator=g).to(ids.device), torch.randn(shape, generator=g).to(ids.device)
     assert logp.shape == ids.shape and logp.dtype == torch.float32
     assert_close(logp, want, *SCALAR_TOL, "logprobs")
     total, want_total = (logp * g_logp).sum(), (want * g_logp).sum()
@@ -284,28 +289,42 @@ def test_token_logprobs(backend, dtype, V, shape, return_entropy):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_token_logprobs_matches_policy_loss_outputs(backend):
-    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 131, torch.bfloat16, seed=2)
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 131, torch.bfloat16, seed=2, backend=backend)
     logp, ent = mk.token_logprobs(logits, ids, return_entropy=True, backend=backend)
     out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=mk.GSPOConfig(), cu_seqlens=cu,
                          return_entropy=True, backend=backend)
     assert torch.equal(logp, out.logprobs) and torch.equal(ent, out.entropy)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the interpreter is too slow for 70k rows)")
 @pytest.mark.parametrize("backend", FUSED)
 def test_many_tokens_no_grid_limit(backend):
-    """More rows than 65,535 (the CUDA limit of grid axes y / z; ours use axis x): every row is computed."""
-    N, V = 70_001, 7
-    logits = torch.randn(N, V, device=DEVICE, requires_grad=True)
-    ids = torch.randint(0, V, (N,), device=DEVICE)
+    """More rows than 65,535 (the CUDA limit of grid axes y / z; ours use axis x): every row is
+    computed, the rows past 65,535 checked against the reference in value and gradient."""
+    if backend == "triton" and device_for(backend).type == "cpu":
+        pytest.skip("Triton's interpreter is too slow for 70k rows")
+    N, V, tail = 70_001, 7, slice(65_535, None)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(N, V, generator=g).to(device_for(backend))
+    ids = torch.randint(0, V, (N,), generator=g).to(logits.device)
     logp, ent = mk.token_logprobs(logits, ids, return_entropy=True, backend=backend)
-    lsm = torch.log_softmax(logits.detach().double(), -1)
-    assert_close(logp, lsm.gather(-1, ids[:, None])[:, 0], *SCALAR_TOL, "logprobs")
-    cu = torch.tensor([0, 1, 40_000, N], device=DEVICE)
-    out = mk.policy_loss(logits, ids, logp.detach() - 0.01, torch.ones(N, device=DEVICE), cu_seqlens=cu,
-                         ratio_control=mk.GSPOConfig(), loss_agg_mode="seq-mean-token-mean", backend=backend)
-    out.loss.backward()
-    assert (logits.grad[-1] != 0).any()
+    lsm = torch.log_softmax(logits.double(), -1)
+    assert_close(logp[tail], lsm.gather(-1, ids[:, None])[tail, 0], *SCALAR_TOL, "logprobs past row 65,535")
+    assert_close(ent[tail], -(lsm.exp() * lsm).sum(-1)[tail], *SCALAR_TOL, "entropy past row 65,535")
+    # sequence ratios e^0.01 inside GSPO's clip range (its default eps, 3e-4 / 4e-4, would clip
+    # them: a zero gradient by design), so every row has a gradient to check
+    cu = torch.tensor([0, 1, 40_000, N], device=logits.device)
+    old = lsm.gather(-1, ids[:, None])[:, 0].float() - 0.01
+    grads = []
+    for b, x in ((backend, logits), ("torch", logits.double())):
+        z = x.clone().requires_grad_()
+        mk.policy_loss(z, ids, old, torch.ones(N, device=logits.device), cu_seqlens=cu, backend=b,
+                       ratio_control=mk.GSPOConfig(eps_low=0.2, eps_high=0.28),
+                       loss_agg_mode="seq-mean-token-mean").loss.backward()
+        grads.append(z.grad)
+    got, want = grads
+    assert (want[tail] != 0).any(-1).all(), "the case must leave a gradient on every row"
+    assert_close(got[tail], want[tail], *TOL[torch.float32], "grad past row 65,535")
+    assert_close(got, want, *TOL[torch.float32], "grad")
 
 
 # ---------------------------------------------------------------------------- ablations
@@ -354,8 +373,8 @@ def test_ablation_definitions():
 def test_ablations_through_policy_loss(backend, ablation, level):
     """The switches through the logits path, against the closed form on log_softmax log-probs."""
     cfg = mk.MHPOConfig(use_dhp=False) if ablation == "lfm_only" else mk.MHPOConfig(use_lfm=False)
-    logits, ids, old, adv, mask, _, _ = case_for("B3T13", 31, torch.float32, seed=9, ignore_frac=0.0, mask_frac=0.0,
-                                                masked_seq=False)
+    logits, ids, old, adv, mask, _, _ = case_for("B3T13", 31, torch.float32, seed=9, backend=backend, ignore_frac=0.0,
+                                                mask_frac=0.0, masked_seq=False)
     out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=cfg, importance_sampling_level=level,
                          loss_agg_mode="seq-mean-token-mean", backend=backend)
     logp = torch.log_softmax(logits.double(), -1).gather(-1, ids[..., None])[..., 0]
@@ -423,7 +442,8 @@ def verl_vanilla_loss(logp, old, adv, mask, clip_low, clip_high, clip_ratio_c):
     return (pg * mask).sum() / mask.sum(), (lower * mask).sum() / mask.sum()
 
 
-def peer_case(seed):
+def peer_case(seed, backend):
+    """float64 logits, ids, log-probs, old, adv, mask on device_for(backend)."""
     g = torch.Generator().manual_seed(seed)
     B, T, V = 4, 9, 23
     logits = torch.randn(B, T, V, generator=g, dtype=torch.float64) * 2
@@ -432,7 +452,7 @@ def peer_case(seed):
     logp = torch.log_softmax(logits, -1).gather(-1, ids[..., None])[..., 0]
     old = logp + 0.6 * torch.randn(B, T, generator=g, dtype=torch.float64)
     adv = torch.randn(B, generator=g, dtype=torch.float64)[:, None].expand(B, T)
-    return logits, ids, logp, old, adv, mask
+    return tuple(t.to(device_for(backend)) for t in (logits, ids, logp, old, adv, mask))
 
 
 PEERS = {  # name -> (our config, level, our loss_agg_mode, TRL loss_type, TRL kwargs)
@@ -445,13 +465,13 @@ PEERS = {  # name -> (our config, level, our loss_agg_mode, TRL loss_type, TRL k
 }
 
 
-@pytest.mark.parametrize("path", FUSED + ["from_logprobs"])
+@pytest.mark.parametrize("path", FUSED + [FROM_LOGPROBS])
 @pytest.mark.parametrize("peer", list(PEERS))
 def test_parity_with_trl(path, peer):
     cfg, level, agg, loss_type, extra = PEERS[peer]
-    logits, ids, logp, old, adv, mask = peer_case(seed=len(peer))
+    logits, ids, logp, old, adv, mask = peer_case(seed=len(peer), backend=path)
     eps = (cfg.eps_low, cfg.eps_high)
-    if path == "from_logprobs":
+    if path == FROM_LOGPROBS:
         x = logp.clone().requires_grad_()
         want_x = logp.clone().requires_grad_()
         out = mk.policy_loss_from_logprobs(x, old, adv[:, 0], mask, ratio_control=cfg, importance_sampling_level=level,
@@ -463,21 +483,21 @@ def test_parity_with_trl(path, peer):
         out = mk.policy_loss(x, ids, old.float(), adv[:, 0].float(), mask, ratio_control=cfg,
                              importance_sampling_level=level, loss_agg_mode=agg, backend=path)
         tol = TOL[torch.float32]
-    want_logp = want_x if path == "from_logprobs" else \
+    want_logp = want_x if path == FROM_LOGPROBS else \
         torch.log_softmax(want_x, -1).gather(-1, ids[..., None])[..., 0]
     want = trl_grpo_loss(want_logp, old, adv, mask, *eps, loss_type, **extra)
     out.loss.backward()
     want.backward()
-    assert_close(out.loss, want, *(tol if path == "from_logprobs" else SCALAR_TOL), "loss")
+    assert_close(out.loss, want, *(tol if path == FROM_LOGPROBS else SCALAR_TOL), "loss")
     assert_close(x.grad, want_x.grad, *tol, "grad")
 
 
-@pytest.mark.parametrize("path", FUSED + ["from_logprobs"])
+@pytest.mark.parametrize("path", FUSED + [FROM_LOGPROBS])
 def test_parity_with_verl_dual_clip(path):
-    logits, ids, logp, old, adv, mask = peer_case(seed=5)
+    logits, ids, logp, old, adv, mask = peer_case(seed=5, backend=path)
     old = logp + 2.5 * (old - logp)  # wide ratios: dual-clip and both clip edges are hit
     cfg = mk.ClipConfig(eps_low=0.2, eps_high=0.28, dual_clip_c=3.0)
-    if path == "from_logprobs":
+    if path == FROM_LOGPROBS:
         x, want_x = logp.clone().requires_grad_(), logp.clone().requires_grad_()
         out = mk.policy_loss_from_logprobs(x, old, adv, mask, ratio_control=cfg)
         want_logp, tol = want_x, TOL[torch.float64]
@@ -531,7 +551,7 @@ def test_metrics_per_mode():
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("mode", ["mhpo", "gspo"])
 def test_kl_and_entropy_metrics_when_computed(backend, mode):
-    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=4)
+    logits, ids, old, adv, mask, ref, cu = case_for("packed37", 17, torch.float32, seed=4, backend=backend)
     cfg, level = MODES[mode]
     base = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=cfg, cu_seqlens=cu, backend=backend).metrics
     assert "kl_ref" not in base and "entropy_mean" not in base
@@ -548,7 +568,7 @@ def test_kl_and_entropy_metrics_when_computed(backend, mode):
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 def test_mhpo_loss_is_policy_loss_with_mhpo(backend, agg):
-    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.bfloat16, seed=8)
+    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 127, torch.bfloat16, seed=8, backend=backend)
     results = []
     for fn in (mk.mhpo_loss, mk.policy_loss):
         z = logits.clone().requires_grad_()
@@ -572,13 +592,13 @@ def test_level_defaults():
             mk.GSPOConfig(**bad)
 
 
-def packed_args():
-    logits, ids, old, adv, mask, _, cu = case_for("packed37", 11, torch.float32, seed=0)
+def packed_args(backend):
+    logits, ids, old, adv, mask, _, cu = case_for("packed37", 11, torch.float32, seed=0, backend=backend)
     return dict(logits=logits, target_ids=ids, old_logprobs=old, advantages=adv, mask=mask, cu_seqlens=cu)
 
 
 def cu(values, **kw):
-    return lambda a: a.update(cu_seqlens=torch.tensor(values, **{"device": DEVICE, **kw}))
+    return lambda a: a.update(cu_seqlens=torch.tensor(values, **{"device": a["logits"].device, **kw}))
 
 
 BAD = {
@@ -603,9 +623,10 @@ BAD = {
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
-@pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("case", [pytest.param(k, marks=pytest.mark.wrong_device) if k == "cu_device" else k
+                                  for k in BAD])
 def test_bad_inputs(backend, case, no_launch):
-    a = packed_args()
+    a = packed_args(backend)
     edit, exc, msg = BAD[case]
     edit(a)
     with pytest.raises(exc, match=msg):
@@ -614,7 +635,7 @@ def test_bad_inputs(backend, case, no_launch):
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 def test_token_logprobs_bad_inputs(backend, no_launch):
-    a = packed_args()
+    a = packed_args(backend)
     logits, ids = a["logits"], a["target_ids"]
     bad = ids.clone()
     bad[3] = 11
@@ -643,14 +664,14 @@ def test_from_logprobs_bad_inputs():
     with pytest.raises(ValueError, match="old_logprobs has shape"):
         call(logp, old[:, :4], adv, mask)
     with pytest.raises(ValueError, match=r"cu_seqlens needs packed \[N\] log-probs"):
-        call(logp, old, adv, mask, cu_seqlens=torch.tensor([0, 39], device=DEVICE))
+        call(logp, old, adv, mask, cu_seqlens=torch.tensor([0, 39], device=logp.device))
     with pytest.raises(ValueError, match="beta > 0 needs ref_logprobs"):
         call(logp, old, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="loss_agg_mode must be one of"):
         call(logp, old, adv, mask, loss_agg_mode="sum")
     with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] must be the token count N=39"):
         call(logp.reshape(-1), old.reshape(-1), adv.reshape(-1), mask.reshape(-1),
-             cu_seqlens=torch.tensor([0, 38], device=DEVICE))
+             cu_seqlens=torch.tensor([0, 38], device=logp.device))
 
 
 @pytest.fixture
@@ -661,7 +682,7 @@ def no_poison():
 @pytest.mark.parametrize("backend", FUSED[:1])
 def test_compile_fullgraph_sequence_level_packed(backend, no_poison):
     torch._dynamo.reset()
-    logits, ids, old, adv, mask, ref, cu_ = case_for("packed37", 37, torch.float32, seed=1)
+    logits, ids, old, adv, mask, ref, cu_ = case_for("packed37", 37, torch.float32, seed=1, backend=backend)
 
     def f(z):
         out = mk.policy_loss(z, ids, old, adv, mask, ratio_control=mk.MHPOConfig(),
@@ -672,20 +693,24 @@ def test_compile_fullgraph_sequence_level_packed(backend, no_poison):
     assert_compiled_matches_eager(f, logits)
 
 
+@pytest.mark.parametrize("path", FUSED + [FROM_LOGPROBS])
 @pytest.mark.parametrize("r,A", [(3.0, -1.0), (2.5, -1.0)], ids=["dual-clip-tie", "dual-clip-capped"])
-def test_clip_gradient_same_on_every_path(r, A):
+def test_clip_gradient_same_on_every_path(path, r, A):
     """Every backend and policy_loss_from_logprobs agree with torch.minimum's tie rule (half the gradient)."""
     V = 5
     cfg = mk.ClipConfig(0.2, 0.28, dual_clip_c=r if r == 3.0 else 2.0)
-    old = torch.tensor([math.log(1 / V) - math.log(r)])
-    grads = {}
-    for b in FUSED + ["torch", "from_logprobs"]:
-        z = torch.zeros(1, V, requires_grad=True)
-        if b == "from_logprobs":
+    dev = device_for(path)
+    old = torch.tensor([math.log(1 / V) - math.log(r)], device=dev)
+    adv = torch.tensor([A], device=dev)
+
+    def grad(b):
+        z = torch.zeros(1, V, device=dev, requires_grad=True)
+        if b == FROM_LOGPROBS:
             lp = torch.log_softmax(z, -1)[:, 0]
-            mk.policy_loss_from_logprobs(lp, old, torch.tensor([A]), ratio_control=cfg).loss.backward()
+            mk.policy_loss_from_logprobs(lp, old, adv, ratio_control=cfg).loss.backward()
         else:
-            mk.policy_loss(z, torch.tensor([0]), old, torch.tensor([A]), ratio_control=cfg, backend=b).loss.backward()
-        grads[b] = z.grad
-    for b, g in grads.items():
-        assert_close(g, grads["torch"], 1e-5, 1e-5, f"{b} vs torch")
+            ids = torch.tensor([0], device=dev)
+            mk.policy_loss(z, ids, old, adv, ratio_control=cfg, backend=b).loss.backward()
+        return z.grad
+
+    assert_close(grad(path), grad("torch"), 1e-5, 1e-5, f"{path} vs torch")
