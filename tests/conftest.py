@@ -8,7 +8,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from util import DEVICE, DEVICE_AUDIT, device_for  # noqa: E402  (after TRITON_INTERPRET)
+from util import DEVICE, DEVICE_AUDIT, device_for  # noqa: E402, F401  (after TRITON_INTERPRET; tests import DEVICE from here)
 
 # One tolerance table per dtype: (atol relative to max|expected|, rtol) for the
 # gradient, which is stored in the logits dtype; per-token outputs and the loss
