@@ -10,7 +10,14 @@ Variants: ``torch`` = eager unfused (``hidden @ W.T`` then the reference loss),
 ``LigerFusedLinearGRPOLoss`` (chunked, compiled PyTorch: runs on CPU too) and
 Cut Cross-Entropy's ``linear_cross_entropy`` (log-prob part only; ``cce`` impl on
 CUDA, its ``torch_compile`` impl on CPU). Compute-bound: rows report TFLOP/s
-against 6*N*V*H FLOPs for fwd+bwd (2 for fwd, 4 for bwd).
+against 6*N*V*H FLOPs for fwd+bwd (2 for fwd, 4 for bwd); the fused path does 8*N*V*H (its
+backward recomputes the logits, see mhpo_kernels/fused_linear.py).
+
+``--chunk-size`` / ``--vocab-chunk-size`` set the fused tiles (token rows x vocabulary rows; default:
+``default_chunk_sizes``), ``--only`` keeps the variants whose names start with the given prefixes
+(e.g. ``--only fused`` where the eager baseline would take too long). On a CPU without bf16 matrix
+instructions PyTorch's bf16 matmuls (the unfused variants') use slow generic loops, while the fused
+path multiplies float32 tiles: compare bf16 times there with that in mind, or run ``--dtype fp32`` too.
 """
 from __future__ import annotations
 
@@ -32,7 +39,11 @@ GOAL_MEM_FRAC = 0.25  # fused-linear goal: no slower than Liger's, at <= 1/4 of 
 
 
 def parser():
-    return H.base_parser(__doc__.splitlines()[0], with_H=True)
+    p = H.base_parser(__doc__.splitlines()[0], with_H=True)
+    p.add_argument("--chunk-size", type=int, default=None, help="fused: token rows per tile")
+    p.add_argument("--vocab-chunk-size", type=int, default=None, help="fused: vocabulary rows per tile")
+    p.add_argument("--only", nargs="+", default=None, help="keep variants whose names start with these")
+    return p
 
 
 def missing_api():
@@ -91,8 +102,9 @@ def _unfused(backend):
     return fwd
 
 
-def _fused(backend, clip=False):
+def _fused(backend, clip=False, rows=None, cols=None):
     kw = {"ratio_control": mk.ClipConfig(eps_low=0.2, eps_high=0.2)} if clip else {}
+    kw.update(chunk_size=rows, vocab_chunk_size=cols)
 
     def fwd(s):
         return mk.fused_linear_mhpo_loss(s["hidden"], s["weight"], s["ids"], s["old"], s["adv"], s["mask"],
@@ -139,7 +151,7 @@ def variants(args, shape):
             skip = f"backend {b!r} not available on {device.type}"
         out.append(H.Variant(f"unfused:{b}", "ours", _setup, _unfused(b), skip=skip,
                              note="hidden @ W.T, then mk.mhpo_loss"))
-        out.append(H.Variant(f"fused:{b}", "ours", _setup, _fused(b),
+        out.append(H.Variant(f"fused:{b}", "ours", _setup, _fused(b, rows=args.chunk_size, cols=args.vocab_chunk_size),
                              skip=skip or (None if fused_ok else "mk.fused_linear_mhpo_loss not available yet (issue 5)")))
     if "compile" in args.peers:
         out.append(H.Variant(H.COMPILED, "compiled", _setup, _compiled(), compiled=True,
@@ -160,6 +172,8 @@ def variants(args, shape):
         fwd, impl = _cce(device)
         out.append(H.Variant(f"cce({impl})", "peer", _setup, fwd, skip=skip, compiled=True,
                              note="cut_cross_entropy.linear_cross_entropy: log-prob (CE) part only"))
+    if args.only:
+        out = [v for v in out if any(v.name.startswith(p) for p in args.only)]
     return out
 
 
@@ -186,6 +200,11 @@ def goals(rows):
             if eager and eager["peak_bytes"]:
                 parts.append(f"vs eager unfused: {eager['ms_p50'] / r['ms_p50']:.2f}x speed, "
                              f"{r['peak_bytes'] / eager['peak_bytes']:.3f}x memory")
+            backend = name.split(":")[-1]
+            unfused = vs.get(f"unfused:{backend}")
+            if unfused and unfused["ms_p50"]:  # CPU goal (issue 13): time <= 1.0x, peak <= 0.1x eager
+                parts.append(f"vs unfused:{backend}: {r['ms_p50'] / unfused['ms_p50']:.2f}x time, "
+                             f"{r['peak_bytes'] / max(unfused['peak_bytes'], 1):.3f}x memory")
             lines.append("; ".join(parts))
     if len(lines) == 1:
         lines.append("- no fused-linear row measured")

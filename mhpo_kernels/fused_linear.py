@@ -2,25 +2,55 @@
 
 At 128k-256k vocabularies the logits (and their gradient), not the model,
 dominate RL memory. :func:`fused_linear_mhpo_loss` takes the last hidden states
-and the lm_head weight and works over the tokens chunk by chunk::
+and the lm_head weight and works over tiles of ``M`` token rows by ``Vc``
+vocabulary rows (by default ``M = N``: every token at once)::
 
-    for each chunk of rows c:
-        z = hidden[c] @ weight.T (+ bias)           # [M, V], input dtype (fp32 accumulation in the matmul)
-        logp, entropy, lse, loss, coef = fwd(z)     # the backend's fused forward, one read of z
-        bwd(z, dlogp = w[c] * coef) -> z            # d loss / d z, written over z (in place)
-        grad_hidden[c] = z @ weight
-        grad_weight   += z.T @ hidden[c]            # float32 accumulator, cast once at the end
-        grad_bias     += z.sum(0)                   # float32
+    forward (no gradient kept):
+        for each vocabulary chunk c, token chunk r:
+            z = hidden[r] @ weight[c].T (+ bias[c])       # [M, Vc]
+            partial lse / entropy / target logit of z     # the backend's forward on a vocabulary slice
+        merge the partials per row -> logp, entropy, lse  # O(N)
+        loss from logp (token- or sequence-level ratio control, any aggregation), in torch, O(N)
+    backward (d loss / d logp and d / d entropy known now):
+        for each vocabulary chunk c:
+            for each token chunk r:
+                z = hidden[r] @ weight[c].T (+ bias[c])   # recomputed
+                bwd(z) -> d loss / d z, over z            # the backend's backward on the slice
+                grad_hidden[r] += z @ weight[c]           # float32 [N, H] accumulator
+                gw_c (+)= z.T @ hidden[r]                 # M = N: one GEMM writes grad_weight[c]
+            grad_weight[c] = gw_c; grad_bias[c] = z.sum(0)
 
-The loss is a scalar whose per-token weights ``w`` are known from the mask up
-front (:func:`mhpo_kernels.loss.aggregation_weights`), so the gradient is
-computed during the forward and backward only scales it by the upstream
-gradient. Extra memory: one chunk of logits, the float32 ``grad_weight``
-accumulator (2x the weight in bf16) and the gradients themselves.
+**Why the vocabulary is the outer loop.** A slice ``grad_weight[c]`` is
+finished, with float32 accumulation inside one GEMM over all N tokens, before
+the next slice starts, so the extra memory is the gradients themselves
+(``grad_weight`` in the weight's dtype, ``grad_hidden``) plus one tile of
+scratch: no ``[V, H]`` float32 accumulator (the earlier token-chunked design
+kept one, 4·V·H bytes, more than the unfused path at small N). Finishing a
+slice needs every row's log-sum-exp first, so the backward recomputes the
+logits: 4 GEMMs of ``2·N·V·H`` flops instead of 3. The alternative that keeps
+token chunks outermost cannot avoid the ``[V, H]`` fp32 accumulator (every
+token chunk touches every slice); the variant with token chunks *inside* a
+vocabulary chunk (``chunk_size < N``: a ``[Vc, H]`` fp32 accumulator per
+slice) is kept for very large N, where one ``[N, Vc]`` tile would not fit the
+scratch budget. Measured on a shared 2-core AVX2 CPU (N = 4096, H = 512,
+V = 151,936 bf16, fwd + bwd, alternating runs in one process, load average ~10
+from other jobs): all tokens per tile (``M = N``, Vc = 6,400) 287 s and 396 s;
+``M = 512`` token chunks (Vc = 16,384, the same scratch) 437 s and 388 s. No gain
+from token chunks, which also need the ``[Vc, H]`` accumulator's extra read and
+write per chunk: ``M = N`` is the default (commands in
+``bench/results/fused-linear-N4096-bf16/README.md``).
+
+**GEMM precision.** On CUDA (and on CPUs with native bf16 matmuls) the tiles
+are computed in the input dtype with float32 accumulation inside the GEMM, as
+eager ``F.linear`` does. On a CPU without bf16 / fp16 matrix instructions
+PyTorch's half-precision matmuls fall back to slow generic loops (measured
+here: up to 75x slower than float32), so half-precision inputs are upcast per
+tile and multiplied in float32: faster, and the logits are not rounded to bf16.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.distributed as dist
@@ -28,177 +58,334 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends, reference
-from ._inputs import MHPOOutput, aggregation_weights, check_target_ids, prepare
-from .config import MHPOConfig, resolve_ratio_control
-from .metrics import metrics_from_logprobs
+from ._inputs import MHPOOutput, check_target_ids, prepare
+from .config import KERNEL_PARAMS, MHPOConfig, MODE_NONE, resolve_ratio_control
 
-__all__ = ["fused_linear_mhpo_loss", "MHPOLinearLoss", "default_chunk_size"]
+__all__ = ["fused_linear_mhpo_loss", "MHPOLinearLoss", "default_chunk_sizes"]
 
 _HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SCRATCH_CAP = 128 * 2**20  # bytes of tile scratch at most (a [4096, 8192] fp32 tile); GEMMs are efficient well below
+_SCRATCH_MIN = 4 * 2**20
+_MIN_COLS = 512  # fewest vocabulary rows per tile worth a GEMM call
 
 
-def default_chunk_size(V: int, H: int, device_type: str = "cpu") -> int:
-    """Token rows per chunk: H rounded to a power of two, clamped to [256, 4096] (CUDA: [512, 4096]).
+def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the tile GEMMs run in: the input dtype, except half types on a CPU without
+    native half-precision matmul instructions (AVX-512 BF16 / AMX), where float32 is much faster."""
+    if dtype == torch.float32 or torch.device(device).type != "cpu":
+        return dtype
+    forced = os.environ.get("MHPO_FUSED_LINEAR_GEMM")
+    if forced in ("native", "float32"):
+        return dtype if forced == "native" else torch.float32
+    cpu = torch.cpu
+    if dtype == torch.bfloat16 and (getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
+                                    or getattr(cpu, "_is_amx_tile_supported", lambda: False)()):
+        return dtype
+    if dtype == torch.float16 and getattr(cpu, "_is_amx_fp16_supported", lambda: False)():
+        return dtype
+    return torch.float32
 
-    Each chunk pays a fixed cost independent of its row count M: reading the
-    weight twice and reading + writing the float32 ``grad_weight`` accumulator
-    (about 12 bytes per weight element), against ``6 * M * V * H`` flops, so M
-    must be a few hundred rows for the matmuls to dominate (measured on a
-    2-core CPU at V = 151,936, H = 512, bf16: 256 rows cost 1.25x the time of
-    1024 rows, 512 rows 1.1x). M = H makes one chunk of logits ``M * V`` the
-    size of the weight ``V * H`` (half the float32 accumulator), whatever V:
-    the peak extra memory stays a small multiple of the weight, independent of
-    the number of tokens. E.g. H = 512 -> 512 rows (V = 151,936: 156 MB of
-    bf16 logits per chunk); H = 4096 -> 4096 rows.
+
+def _free_bytes(device: torch.device):
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def default_chunk_sizes(N: int, V: int, H: int, dtype=torch.bfloat16, device="cpu", free_bytes=None):
+    """``(token rows, vocabulary rows)`` per tile, from N, V, H, the dtype and free memory.
+
+    The tile scratch (the ``[M, Vc]`` logits tile in the GEMM dtype, plus, where
+    the GEMMs run in float32 on half inputs or with token chunks, ``[Vc, H]``
+    float32 copies of the weight slice and its gradient) is held under
+    ``min(128 MiB, free / 16, N * V * elem)``: never more than the unfused logits
+    would take, so the fused path's extra memory stays below the unfused path's at
+    every N. All N tokens go in one tile (``M = N``, one GEMM finishes each
+    weight-gradient slice) unless that leaves fewer than 512 vocabulary rows per
+    tile; then token chunks of the largest size that fits.
     """
-    lo = 512 if device_type == "cuda" else 256
-    rows = 2 ** int(round(math.log2(max(H, 1))))
-    return int(min(max(rows, lo), 4096))
+    device = torch.device(device)
+    ge = torch.empty((), dtype=gemm_dtype(dtype, device)).element_size()
+    elem = torch.empty((), dtype=dtype).element_size()
+    if free_bytes is None:
+        free_bytes = _free_bytes(device)
+    budget = _SCRATCH_CAP if free_bytes is None else min(_SCRATCH_CAP, free_bytes // 16)
+    budget = max(min(budget, N * V * elem), _SCRATCH_MIN)
+    convert = ge != elem
+    per_col_w = H * ge * convert  # the weight slice's GEMM-dtype copy
+    rows = max(N, 1)
+    if rows * _MIN_COLS * ge + _MIN_COLS * (per_col_w + H * 4 * convert) > budget:
+        rows = max(1, (budget // 2) // (_MIN_COLS * ge))  # token chunks: [Vc, H] fp32 accumulator per slice
+    acc = H * 4 if (rows < N or convert) else 0
+    cols = budget // (rows * ge + per_col_w + acc)
+    cols = int(max(1, min(V, cols if cols < V else V)))
+    if cols > 256 and cols < V:
+        cols -= cols % 256
+    return int(min(rows, max(N, 1))), cols
 
 
-def _check_linear(hidden, weight, bias):
-    for name, t in (("hidden", hidden), ("weight", weight)):
+def _check_linear(hidden, weight, bias, prefix=""):
+    h, w, b = prefix + "hidden", prefix + "weight", prefix + "bias"
+    for name, t in ((h, hidden), (w, weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+        raise ValueError(f"{h} must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]}, got shape {tuple(weight.shape)}")
+        raise ValueError(f"{w} must be [V, H] with H = {hidden.shape[-1]}, got shape {tuple(weight.shape)}")
     if weight.shape[0] < 1:
-        raise ValueError("weight must have V >= 1 rows")
+        raise ValueError(f"{w} must have V >= 1 rows")
     if hidden.dtype != weight.dtype:
-        raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the same dtype")
+        raise TypeError(f"{h} ({hidden.dtype}) and {w} ({weight.dtype}) must have the same dtype")
     if hidden.device != weight.device:
-        raise ValueError(f"hidden is on {hidden.device} but weight is on {weight.device}")
+        raise ValueError(f"{h} is on {hidden.device} but {w} is on {weight.device}")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            raise ValueError(f"bias must be a [V] = [{weight.shape[0]}] tensor")
+            raise ValueError(f"{b} must be a [V] = [{weight.shape[0]}] tensor")
         if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise TypeError("bias must have the weight's dtype and device")
+            raise TypeError(f"{b} must have the {w}'s dtype and device")
 
 
-def _linear_grads(z, h, weight, grad_h, acc_w, acc_b, rows):
-    """Given z = d loss / d logits of one chunk: grad_hidden rows, grad_weight / grad_bias accumulation."""
-    if grad_h is not None:
-        torch.mm(z, weight, out=grad_h[rows])
-    if acc_w is not None:
-        if z.dtype == torch.float32:
-            acc_w.addmm_(z.t(), h)
-        else:  # bf16 / fp16 products (fp32 inside the matmul), accumulated across chunks in fp32;
-            # in blocks of vocabulary rows, so the product's temporary stays small (~16 MB)
-            step = max(1, (1 << 23) // max(h.shape[1], 1))
-            for v in range(0, acc_w.shape[0], step):
-                acc_w[v : v + step].add_(torch.mm(z[:, v : v + step].t(), h))
-    if acc_b is not None:
-        acc_b.add_(z.sum(0, dtype=torch.float32))
+def _guarded_exp(x):
+    """exp(x), with 0 where x is NaN (-inf - -inf: nothing to add)."""
+    return torch.where(torch.isnan(x), torch.zeros_like(x), x).exp()
 
 
-class _FusedLinearPolicyLoss(torch.autograd.Function):
-    """Chunked lm_head + fused policy loss; gradients computed in the forward pass."""
+class _Merge:
+    """Per-row log-sum-exp, entropy and target log-prob merged over vocabulary slices.
+
+    Slice k contributes its own ``lse_k``, entropy ``H_k`` (of the softmax over the
+    slice) and, for the row whose target it holds, ``logp_k = x_y - lse_k``. With
+    ``m`` the running max, ``s = sum exp(lse_k - m)`` and
+    ``C = sum exp(lse_k - m) (H_k + m - lse_k)``: ``lse = m + log s``,
+    ``H = C / s + log s`` (no ``lse - E[x]`` cancellation; one slice gives the
+    slice's own values exactly) and ``logp = logp_k + (lse_k - lse)``. Vocabulary
+    shards of other ranks merge the same way (:meth:`all_reduce`).
+    """
+
+    def __init__(self, N, device, want_entropy):
+        f32 = dict(device=device, dtype=torch.float32)
+        self.m = torch.full((N,), float("-inf"), **f32)
+        self.s, self.lp, self.t = (torch.zeros(N, **f32) for _ in range(3))
+        self.C = torch.zeros(N, **f32) if want_entropy else None
+
+    def add(self, r, lse_k, ent_k, logp_k, owned):
+        m = self.m[r]
+        m_new = torch.maximum(m, lse_k)
+        a, e = _guarded_exp(m - m_new), _guarded_exp(lse_k - m_new)
+        s = self.s[r]
+        if self.C is not None:
+            shift = torch.where(s > 0, s * (m_new - m), torch.zeros_like(s))
+            self.C[r] = a * (self.C[r] + shift) + torch.where(e > 0, e * (ent_k + (m_new - lse_k)), torch.zeros_like(e))
+        self.s[r] = a * s + e
+        self.m[r] = m_new
+        self.lp[r] += torch.where(owned, logp_k, torch.zeros_like(logp_k))
+        self.t[r] += torch.where(owned, lse_k, torch.zeros_like(lse_k))
+
+    def all_reduce(self, group):
+        """Merge the shards of every rank: a MAX of N and a SUM of 3N (4N with entropy) floats."""
+        M = self.m.clone()
+        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
+        f = _guarded_exp(self.m - M)
+        shift = torch.where(self.s > 0, self.s * (M - self.m), torch.zeros_like(self.s))
+        parts = [self.s * f, self.lp, self.t]
+        if self.C is not None:
+            parts.append((self.C + shift) * f)
+        stats = torch.stack(parts)
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
+        self.m, self.s, self.lp, self.t = M, stats[0], stats[1], stats[2]
+        if self.C is not None:
+            self.C = stats[3]
+
+    def result(self, valid):
+        """(logp, entropy or None, lse); logp and entropy 0 where the target is ignore_index."""
+        log_s = torch.log(self.s)
+        lse = self.m + log_s
+        zero = torch.zeros_like(lse)
+        logp = torch.where(valid, self.lp + (self.t - lse), zero)
+        ent = None
+        if self.C is not None:
+            ent = torch.where(valid, self.C / self.s + log_s, zero)
+        return logp, ent, lse
+
+
+def _tiles(N, V, rows, cols):
+    for c0 in range(0, V, cols):
+        c = slice(c0, min(c0 + cols, V))
+        yield c, [slice(r0, min(r0 + rows, N)) for r0 in range(0, N, rows)]
+
+
+def _gemm_operands(hidden, weight, bias, cdt):
+    """hidden in the GEMM dtype (one copy for the whole pass when it differs) and a per-slice converter."""
+    h = hidden if hidden.dtype == cdt else hidden.to(cdt)
+
+    def slice_(c):
+        w = weight[c]
+        b = None if bias is None else bias[c]
+        if w.dtype != cdt:
+            w = w.to(cdt)
+            b = None if b is None else b.to(cdt)
+        return w, b
+    return h, slice_
+
+
+def _logits_tile(h, w, b):
+    return torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """Per-token log-probs (and entropy) of ``softmax((hidden @ weight.T + bias) / T)``, chunked,
+    for one or two heads (the policy and, optionally, a reference lm_head) in the same tile loop.
+
+    Differentiable w.r.t. every tensor input; the backward is one more chunked pass
+    (logits recomputed) that writes each weight-gradient slice once.
+    """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, old, adv, mask, ref, agg_w, opts):
-        be = _chunk_backend(opts)
+    def forward(ctx, opts, target, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
+        kern = opts["kernels"]
         N, V = hidden.shape[0], weight.shape[0]
-        want_ent, T, ii = opts["return_entropy"], opts["temperature"], opts["ignore_index"]
-        # needs_input_grad ignores no_grad mode: the caller records whether grad mode was on
-        need_h, need_w, need_b = (n and opts["grad_enabled"] for n in ctx.needs_input_grad[:3])
-        need_grad = need_h or need_w or need_b
-        f32 = dict(device=hidden.device, dtype=torch.float32)
-        logp, lse, loss_tok, coef = (torch.zeros(N, **f32) for _ in range(4))
-        entropy = torch.zeros(N if want_ent else 0, **f32)
-        grad_h = torch.empty_like(hidden) if need_h else None
-        acc_w = torch.zeros(weight.shape, **f32) if need_w else None
-        acc_b = torch.zeros(V, **f32) if need_b else None
-        wt = weight.t()
-        M = opts["chunk_size"]
-        for s in range(0, N, M):
-            r = slice(s, min(s + M, N))
-            h = hidden[r]
-            z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
-            out = be.fwd(z, target[r], old[r], adv[r], mask[r], None if ref is None or not opts["beta"] else ref[r],
-                         opts["mode"], opts["params"], opts["beta"], T, ii, want_ent)
-            for dst, src in zip((logp, entropy, lse, loss_tok, coef), out):
-                if dst.numel():
-                    dst[r] = src
-            if need_grad:
-                be.bwd(z, target[r], lse[r], None, (agg_w[r] * coef[r]).contiguous(), None, T, ii, z)
-                _linear_grads(z, h, weight, grad_h, acc_w, acc_b, r)
-            del z
-        if grad_h is not None and opts["group"] is not None:
-            dist.all_reduce(grad_h, group=opts["group"])  # every vocabulary shard contributes to d hidden
-        ctx.grads = (
-            grad_h,
-            None if acc_w is None else acc_w.to(weight.dtype),
-            None if acc_b is None else acc_b.to(weight.dtype),
-        )
-        del acc_w, acc_b
+        T, ii, start = opts["temperature"], opts["ignore_index"], opts["vocab_start"]
+        heads = [(hidden, weight, bias, opts["return_entropy"])]
+        if ref_weight is not None:
+            heads.append((ref_hidden, ref_weight, ref_bias, False))
+        cdt = gemm_dtype(hidden.dtype, hidden.device)
+        rows, cols = opts["chunks"]
+        dummy = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+        params = [0.0] * KERNEL_PARAMS
+        results = []
+        for h_in, w_in, b_in, want_ent in heads:
+            merge = _Merge(N, hidden.device, want_ent)
+            h, slice_ = _gemm_operands(h_in, w_in, b_in, cdt)
+            for c, rs in _tiles(N, V, rows, cols):
+                w, b = slice_(c)
+                for r in rs:
+                    z = _logits_tile(h[r], w, b)
+                    y = target[r]
+                    logp_k, ent_k, lse_k, _, _ = kern.fwd(z, y, dummy[r], dummy[r], dummy[r], None, MODE_NONE,
+                                                          params, 0.0, T, ii, want_ent, vocab_start=start + c.start)
+                    owned = (y >= start + c.start) & (y < start + c.stop)
+                    merge.add(r, lse_k, ent_k, logp_k, owned)
+                    del z
+            del h
+            if opts["group"] is not None:
+                merge.all_reduce(opts["group"])
+            results.append(merge.result(target != ii))
+        logp, ent, lse = results[0]
+        ref_logp, _, ref_lse = results[1] if len(results) > 1 else (logp.new_empty(0), None, None)
+        ent = ent if ent is not None else logp.new_empty(0)
         ctx.opts = opts
-        ctx.mark_non_differentiable(logp)
         ctx.set_materialize_grads(False)
-        if want_ent:  # a gradient through the entropy needs one more chunked pass (recompute)
-            ctx.save_for_backward(hidden, weight, bias, target, lse, entropy, agg_w * coef)
-        loss = (loss_tok * agg_w).sum()
-        return loss, logp, entropy
+        ctx.save_for_backward(target, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ent, ref_lse)
+        return logp, ent, ref_logp
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp, g_ent):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "fused_linear_mhpo_loss: backward ran twice through the same graph; its gradients "
-                "are precomputed and released after the first backward (retain_graph is not supported)"
-            )
-        grads, ctx.grads = ctx.grads, None
-        none = (None,) * 7
-        if g_ent is not None:
-            return _recompute_grads(ctx, g_loss, g_ent) + none
-        if g_loss is None:
-            return (None, None, None) + none
-        if bool(g_loss != 1):  # the usual loss.backward() has g_loss == 1: hand the buffers over as they are
-            grads = tuple(None if g is None else g.mul_(g_loss.to(g.dtype)) for g in grads)
-        return grads + none
+    def backward(ctx, g_logp, g_ent, g_ref):
+        target, hidden, weight, bias, ref_hidden, ref_weight, ref_bias, lse, ent, ref_lse = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grads = [None] * 8
+        heads = [(2, hidden, weight, bias, lse, ent if g_ent is not None else None, g_logp, g_ent)]
+        if ref_weight is not None:
+            heads.append((5, ref_hidden, ref_weight, ref_bias, ref_lse, None, g_ref, None))
+        for i, h, w, b, lse_h, ent_h, dlogp, dent in heads:
+            want = (need[i], need[i + 1], need[i + 2] and b is not None)
+            if any(want):
+                grads[i:i + 3] = _grad_pass(ctx.opts, target, h, w, b, lse_h, ent_h, dlogp, dent, want)
+        return tuple(grads)
 
 
-def _recompute_grads(ctx, g_loss, g_ent):
-    """Gradients of g_loss * loss + sum(g_ent * entropy): one more chunked pass over recomputed logits."""
-    hidden, weight, bias, target, lse, entropy, dloss_dlogp = ctx.saved_tensors
-    opts = ctx.opts
-    be = _chunk_backend(opts)
-    dlogp = dloss_dlogp * g_loss if g_loss is not None else torch.zeros_like(lse)
-    dent = g_ent.float().contiguous()
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    f32 = dict(device=hidden.device, dtype=torch.float32)
-    grad_h = torch.empty_like(hidden) if need_h else None
-    acc_w = torch.zeros(weight.shape, **f32) if need_w else None
-    acc_b = torch.zeros(weight.shape[0], **f32) if need_b else None
-    wt, M = weight.t(), opts["chunk_size"]
-    for s in range(0, hidden.shape[0], M):
-        r = slice(s, min(s + M, hidden.shape[0]))
-        h = hidden[r]
-        z = torch.addmm(bias, h, wt) if bias is not None else torch.mm(h, wt)
-        be.bwd(z, target[r], lse[r], entropy[r], dlogp[r].contiguous(), dent[r], opts["temperature"],
-               opts["ignore_index"], z)
-        _linear_grads(z, h, weight, grad_h, acc_w, acc_b, r)
-        del z
-    if grad_h is not None and opts["group"] is not None:
-        dist.all_reduce(grad_h, group=opts["group"])
-    return (
-        grad_h,
-        None if acc_w is None else acc_w.to(weight.dtype),
-        None if acc_b is None else acc_b.to(weight.dtype),
-    )
+def _has_out_dtype() -> bool:
+    try:
+        x = torch.empty(1, 1, device="meta", dtype=torch.bfloat16)
+        return torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
 
 
-def _chunk_backend(opts):
-    """The backend's launchers; on a vocabulary shard, wrapped to combine statistics across ranks."""
-    if opts["group"] is None:
-        return backends.get(opts["backend"])
-    from .distributed import ShardedBackend, _kernels
-
-    return ShardedBackend(_kernels(opts["backend"]), opts["group"], opts["vocab_start"])
+_OUT_DTYPE = _has_out_dtype()  # torch.mm(..., out_dtype=float32): bf16 / fp16 products in fp32 (CUDA)
 
 
-def _ratio_control(config, ratio_control):
+def _addmm_f32(acc, a, b):
+    """acc (float32) += a @ b, with the product kept in float32 where the GEMM can write it."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda and _OUT_DTYPE:
+        acc.add_(torch.mm(a, b, out_dtype=torch.float32))
+    else:  # half-precision product rounded once per tile, then accumulated in float32
+        acc.add_(torch.mm(a, b))
+
+
+def _grad_pass(opts, target, hidden, weight, bias, lse, entropy, dlogp, dent, want):
+    """Gradients of ``sum(dlogp * logp) + sum(dent * entropy)`` w.r.t. (hidden, weight, bias)."""
+    need_h, need_w, need_b = want
+    N, H = hidden.shape
+    V = weight.shape[0]
+    dev = hidden.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    grad_w = torch.empty(weight.shape, device=dev, dtype=weight.dtype) if need_w else None
+    grad_b = torch.empty(V, device=dev, dtype=weight.dtype) if need_b else None
+    if N == 0 or (dlogp is None and dent is None):  # nothing flows back: exact zeros, no pass
+        zeros = [torch.zeros_like(hidden) if need_h else None, grad_w, grad_b]
+        for g in zeros[1:]:
+            if g is not None:
+                g.zero_()
+        return zeros
+    dlogp = torch.zeros(N, **f32) if dlogp is None else dlogp.float().contiguous()
+    if dent is not None:
+        dent = dent.float().contiguous()
+    else:
+        entropy = None
+    kern, T, ii, start = opts["kernels"], opts["temperature"], opts["ignore_index"], opts["vocab_start"]
+    cdt = gemm_dtype(hidden.dtype, dev)
+    rows, cols = opts["chunks"]
+    acc_h = None
+    if need_h:  # float32 across vocabulary slices; the gradient itself when hidden is float32
+        acc_h = torch.zeros(N, H, **f32)
+    h, slice_ = _gemm_operands(hidden, weight, bias, cdt)
+    one_tile = rows >= N
+    for c, rs in _tiles(N, V, rows, cols):
+        w, b = slice_(c)
+        gw = None
+        if need_w and not (one_tile and cdt == weight.dtype):
+            gw = torch.zeros(c.stop - c.start, H, **f32)  # [Vc, H] slice accumulator
+        gb = torch.zeros(c.stop - c.start, **f32) if need_b else None
+        for r in rs:
+            z = _logits_tile(h[r], w, b)
+            ent_r = None if entropy is None else entropy[r]
+            dent_r = None if dent is None else dent[r]
+            kern.bwd(z, target[r], lse[r], ent_r, dlogp[r], dent_r, T, ii, z, vocab_start=start + c.start)
+            if need_h:
+                _addmm_f32(acc_h[r], z, w)
+            if need_w:
+                if gw is None:  # all tokens in one tile, GEMM in the weight's dtype: fp32 inside the GEMM
+                    torch.mm(z.t(), h[r], out=grad_w[c])
+                else:
+                    _addmm_f32(gw, z.t(), h[r])
+            if need_b:
+                gb.add_(z.sum(0, dtype=torch.float32))
+            del z
+        if gw is not None:
+            grad_w[c].copy_(gw)
+        if need_b:
+            grad_b[c].copy_(gb)
+        del w, b, gw
+    del h
+    grad_h = None
+    if need_h:
+        if opts["group"] is not None:
+            dist.all_reduce(acc_h, group=opts["group"])  # every vocabulary shard contributes to d hidden
+        grad_h = acc_h if hidden.dtype == torch.float32 else acc_h.to(hidden.dtype)
+    return grad_h, grad_w, grad_b
+
+
+def _ratio_control(config, ratio_control, importance_sampling_level=None):
     if config is not None and ratio_control is not None:
         raise ValueError("pass either config= (an MHPOConfig) or ratio_control=, not both")
     if ratio_control is None:
@@ -206,58 +393,96 @@ def _ratio_control(config, ratio_control):
         if not isinstance(ratio_control, MHPOConfig):
             raise TypeError(f"config must be an MHPOConfig, got {type(ratio_control).__name__}; "
                             "other ratio controls go through ratio_control=")
-    cfg, level = resolve_ratio_control(ratio_control, None)
-    if level != "token":
-        raise ValueError(f"fused_linear_mhpo_loss takes token-level ratio controls (MHPOConfig, ClipConfig, "
-                         f"SAPOConfig), not {type(cfg).__name__}: a sequence-level ratio needs every token's "
-                         "log-prob before any gradient; use mk.policy_loss on the logits")
-    return cfg
+    return resolve_ratio_control(ratio_control, importance_sampling_level)
+
+
+def _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logprobs):
+    """(ref_hidden, ref_weight, ref_bias) as [N, H'] / [V, H'] / [V], or None without a reference head."""
+    if ref_hidden is None and ref_weight is None:
+        if ref_bias is not None:
+            raise ValueError("ref_bias needs ref_weight (or ref_hidden)")
+        return None
+    if ref_logprobs is not None:
+        raise ValueError("pass either ref_logprobs or ref_weight / ref_hidden (the reference head), not both")
+    # the reference head shares what is not given; shared hidden states carry no gradient through it
+    rh = hidden.detach() if ref_hidden is None else ref_hidden
+    rw = weight.detach() if ref_weight is None else ref_weight
+    _check_linear(rh, rw, ref_bias, prefix="ref_")
+    if tuple(rh.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"ref_hidden must be [{', '.join(map(str, hidden.shape[:-1]))}, H'], "
+                         f"got shape {tuple(rh.shape)}")
+    if rw.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the policy's V = {weight.shape[0]} rows, got {rw.shape[0]}")
+    if rh.dtype != hidden.dtype or rh.device != hidden.device:
+        raise TypeError("the reference head must have hidden's dtype and device")
+    rh = rh.reshape(-1, rh.shape[-1])
+    return (rh if rh.stride(-1) == 1 else rh.contiguous()), rw, ref_bias
+
+
+def _check_chunk(name, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
 def fused_linear_mhpo_loss(
     hidden, weight, target_ids, old_logprobs, advantages, mask=None, *, bias=None, chunk_size=None,
-    config=None, temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100, ref_logprobs=None,
-    beta=0.0, return_entropy=False, backend="auto", ratio_control=None, process_group=None,
-    vocab_start_index=None,
+    vocab_chunk_size=None, config=None, temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
+    ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", ratio_control=None,
+    importance_sampling_level=None, cu_seqlens=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+    process_group=None, vocab_start_index=None,
 ) -> MHPOOutput:
     """Policy loss of ``hidden @ weight.T + bias`` without materialising the ``[N, V]`` logits.
 
-    Same result as ``mk.mhpo_loss(F.linear(hidden, weight, bias), ...)``, with
-    gradients for ``hidden``, ``weight`` and ``bias``.
+    Same result as ``mk.policy_loss(F.linear(hidden, weight, bias), ...)``, with
+    gradients for ``hidden``, ``weight`` and ``bias`` (and the reference head's
+    tensors, when given and requiring grad). Extra memory: the gradients
+    themselves plus one tile of scratch (:func:`default_chunk_sizes`).
 
     Args:
         hidden: [B, T, H] or [N, H] last hidden states; float32 / bfloat16 / float16
             (float64 with ``backend="torch"``); CPU or CUDA.
         weight: [V, H] lm_head weight, hidden's dtype and device.
-        target_ids, old_logprobs, advantages, mask: as :func:`mhpo_kernels.mhpo_loss`
+        target_ids, old_logprobs, advantages, mask: as :func:`mhpo_kernels.policy_loss`
             (shape ``hidden.shape[:-1]``; advantages may be [B] for [B, T, H]).
         bias: optional [V] lm_head bias.
-        chunk_size: token rows per chunk; None = :func:`default_chunk_size`.
+        chunk_size, vocab_chunk_size: token rows and vocabulary rows per tile;
+            None = :func:`default_chunk_sizes` (all tokens, and as many
+            vocabulary rows as fit the scratch budget).
         config: :class:`MHPOConfig` shorthand (None = paper defaults).
-        ratio_control: any token-level ratio control (``MHPOConfig``, ``ClipConfig``,
-            ``SAPOConfig``); exclusive with ``config``.
+        ratio_control, importance_sampling_level: any ratio control of
+            :func:`mhpo_kernels.policy_loss` (``MHPOConfig``, ``ClipConfig``,
+            ``SAPOConfig``, ``GSPOConfig``), token- or sequence-level; exclusive
+            with ``config``. Sequence-level ratios work unchanged: every log-prob
+            is computed (no gradient kept) before the gradient pass.
+        cu_seqlens: packed sequences over ``[N, H]`` hidden states, as in
+            :func:`mhpo_kernels.policy_loss`.
         temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, backend:
-            as :func:`mhpo_kernels.mhpo_loss`. ``backend`` resolves against the
+            as :func:`mhpo_kernels.policy_loss`. ``backend`` resolves against the
             hidden states' device; ``"torch"`` (the reference, also what "auto"
             gives where no fused backend exists) computes the plain unfused
-            ``F.linear`` + reference loss, chunk-free.
-        return_entropy: also return the per-token entropy. It is differentiable;
-            backpropagating through it costs one more chunked pass (the logits
-            are recomputed), while the loss alone needs none.
+            ``F.linear`` + reference loss.
+        ref_hidden, ref_weight, ref_bias: a reference policy's lm_head (Liger's
+            ``ref_input`` / ``ref_weight``) instead of ``ref_logprobs``: its
+            log-probs come from the same chunked tile loop, the reference logits
+            never exist at once. Either may be omitted: a missing ``ref_hidden``
+            means the policy's hidden states, a missing ``ref_weight`` the policy's
+            weight (both then used detached). Given tensors that require grad get
+            the KL term's gradient.
+        return_entropy: also return the per-token entropy (differentiable).
         process_group, vocab_start_index: a vocabulary-parallel lm_head (tensor
-            parallelism): ``weight`` (and ``bias``) hold this rank's vocabulary
-            rows ``[vocab_start_index, vocab_start_index + V_local)`` (default:
-            after the rows of lower ranks), ``hidden`` is replicated. Per chunk
-            only O(chunk) statistics are all-reduced; the gradient of ``hidden``
-            is all-reduced once (O(N * H)); each rank gets its weight shard's
-            gradient. ``chunk_size`` must agree across ranks (checked).
+            parallelism): ``weight`` (and ``bias``, ``ref_weight``) hold this
+            rank's vocabulary rows ``[vocab_start_index, vocab_start_index +
+            V_local)`` (default: after the rows of lower ranks), ``hidden`` is
+            replicated. Per call, O(N) statistics are all-reduced once per head;
+            the gradient of ``hidden`` is all-reduced once (O(N * H)); each rank
+            gets its weight shard's gradient.
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``.
 
-    The gradient is computed during the forward pass (when any of hidden,
-    weight, bias requires grad) and kept until backward, which scales it by the
-    upstream gradient; a second backward through the same graph raises.
+    The forward keeps only O(N) statistics (and references to its inputs); the
+    backward recomputes the logits tile by tile, so ``retain_graph=True`` and
+    repeated backwards work like any autograd graph.
 
     Example::
 
@@ -269,57 +494,68 @@ def fused_linear_mhpo_loss(
         >>> out = mk.fused_linear_mhpo_loss(hidden, head.weight, ids, old, torch.tensor([1.0, -1.0]))
         >>> out.loss.backward()
     """
-    ratio_control = _ratio_control(config, ratio_control)
+    cfg, level = _ratio_control(config, ratio_control, importance_sampling_level)
     _check_linear(hidden, weight, bias)
+    ref_head = _ref_head(hidden, weight, ref_hidden, ref_weight, ref_bias, ref_logprobs)
+    _check_chunk("chunk_size", chunk_size)
+    _check_chunk("vocab_chunk_size", vocab_chunk_size)
     name = backends.resolve(backend, hidden.device)
     sharded = process_group is not None
-    common = dict(
-        ratio_control=ratio_control, temperature=temperature, loss_agg_mode=loss_agg_mode,
-        ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
-    )
+    if cu_seqlens is not None and hidden.dim() != 2:
+        raise ValueError(f"cu_seqlens needs packed [N, H] hidden states, got shape {tuple(hidden.shape)}")
     if name == "torch" and not sharded:
+        if ref_head is not None:
+            rh, rw, rb = ref_head
+            ref_logprobs = reference.token_logprobs(F.linear(rh, rw, rb).reshape(*hidden.shape[:-1], -1), target_ids,
+                                                    temperature=temperature, ignore_index=ignore_index)
         return reference.policy_loss(
-            F.linear(hidden, weight, bias), target_ids, old_logprobs, advantages, mask,
-            importance_sampling_level="token", **common
+            F.linear(hidden, weight, bias), target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
+            importance_sampling_level=level, cu_seqlens=cu_seqlens, temperature=temperature,
+            loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
+            return_entropy=return_entropy,
         )
-    if hidden.dtype not in _HIDDEN_DTYPES and name != "torch":
+    if hidden.dtype not in _HIDDEN_DTYPES:
         raise TypeError(f"backend {name!r} takes float32 / bfloat16 / float16 hidden states, got {hidden.dtype}; "
                         "use backend='torch' for float64")
+    from .distributed import _kernels, shard_layout
+    from .policy import Sequences, _loss_from_flat
+
     V, H = weight.shape
-    if chunk_size is None:
-        chunk_size = default_chunk_size(V, H, hidden.device.type)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    N = math.prod(hidden.shape[:-1])
+    rows, cols = default_chunk_sizes(N, V, H, hidden.dtype, hidden.device)
+    rows, cols = chunk_size or rows, vocab_chunk_size or cols
     start, V_total = 0, V
     if sharded:
-        from .distributed import shard_layout
-
-        N = math.prod(hidden.shape[:-1])
-        start, V_total = shard_layout(V, N, process_group, vocab_start_index, chunk_size)
+        start, V_total = shard_layout(V, N, process_group, vocab_start_index, rows)
     # a [.., V] view of V elements stands in for the logits: prepare() validates and flattens the rest
     proxy = torch.zeros(V_total, device=hidden.device, dtype=hidden.dtype).expand(*hidden.shape[:-1], V_total)
+    ref_stand_in = ref_logprobs
+    if ref_head is not None:  # validated like ref_logprobs, computed below
+        ref_stand_in = torch.zeros(hidden.shape[:-1], device=hidden.device)
     x = prepare(
         proxy, target_ids, old_logprobs, advantages, mask, temperature=temperature,
-        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
+        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_stand_in,
         beta=beta, compute_dtype=torch.float32,
     )
+    if cu_seqlens is not None:
+        reference.check_cu_seqlens(cu_seqlens, N, hidden.device)
     check_target_ids(x.target, V_total, ignore_index)
-    agg_w = aggregation_weights(x.mask, x.seq_shape, loss_agg_mode)
+    seqs = Sequences(x.seq_shape, cu_seqlens, N, hidden.device)
     opts = dict(
-        backend=name, mode=ratio_control.kernel_mode, params=list(ratio_control.kernel_params()),
-        beta=float(beta), temperature=float(temperature), ignore_index=int(ignore_index),
-        return_entropy=bool(return_entropy), chunk_size=chunk_size,
-        grad_enabled=torch.is_grad_enabled(), group=process_group, vocab_start=start,
+        kernels=_kernels(name), temperature=float(temperature), ignore_index=int(ignore_index),
+        return_entropy=bool(return_entropy), chunks=(rows, cols), group=process_group, vocab_start=start,
     )
     h2d = hidden.reshape(-1, H)
     if h2d.numel() and h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
-    loss, logp, entropy = _FusedLinearPolicyLoss.apply(
-        h2d, weight, bias, x.target, x.old, x.adv, x.mask, x.ref, agg_w, opts
-    )
-    metrics = metrics_from_logprobs(ratio_control, logp, x.old, x.adv, x.mask, x.ref,
-                                    entropy if return_entropy else None)
-    return MHPOOutput(loss, logp.reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics)
+    rh, rw, rb = ref_head if ref_head is not None else (None, None, None)
+    logp, entropy, ref_logp = _LinearLogprobs.apply(opts, x.target, h2d, weight, bias, rh, rw, rb)
+    ref = ref_logp if ref_head is not None else x.ref
+    ent = entropy if return_entropy else None
+    loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, ref, float(beta), cfg, level, seqs, loss_agg_mode,
+                                    ent)
+    return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,
+                      metrics)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -360,7 +596,7 @@ class MHPOLinearLoss(nn.Module):
             raise TypeError(f"lm_head must be an nn.Linear (possibly FSDP-wrapped), got {type(lm_head).__name__}")
         self.lm_head = lm_head
         self.defaults = dict(kwargs, config=config)
-        _ratio_control(config, kwargs.get("ratio_control"))  # fail early on a bad config
+        _ratio_control(config, kwargs.get("ratio_control"), kwargs.get("importance_sampling_level"))  # fail early
 
     def forward(self, hidden, target_ids, old_logprobs, advantages, mask=None, **overrides) -> MHPOOutput:
         kw = {**self.defaults, **overrides}
