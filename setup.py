@@ -181,7 +181,8 @@ def _native_extensions():
         exts.append(
             cpp_extension.CUDAExtension(
                 "mhpo_kernels._C_cuda",
-                [os.path.join(csrc, "mhpo_cuda_ops.cpp"), os.path.join(csrc, "mhpo_cuda.cu")],
+                [os.path.join(csrc, "mhpo_cuda_ops.cpp"), os.path.join(csrc, "mhpo_cuda.cu"),
+                 os.path.join(csrc, "mhpo_finish.cu")],
                 include_dirs=[os.path.join(here, csrc)],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *gencode]},
                 extra_link_args=_shared_libstdcxx_link_args(),

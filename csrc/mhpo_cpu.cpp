@@ -17,6 +17,7 @@
 #include <string>
 
 #include "cpu/rows.h"
+#include "mhpo_finish_ops.h"
 #include "mhpo_ops.h"
 
 namespace mhpo {
@@ -86,6 +87,18 @@ inline void store_scalar(char* row, int64_t i, int dt, float v) {
 // Rows per parallel task: at least ~32k logits of work each.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
+// at::parallel_for over rows, inline when there is at most one task's worth of
+// work: waking a thread pool costs more than a small batch's whole pass.
+template <typename F>
+void for_rows(int64_t N, int64_t V, const F& f) {
+  const int64_t grain = row_grain(V);
+  if (N <= grain) {
+    f(0, N);
+  } else {
+    at::parallel_for(0, N, grain, f);
+  }
+}
+
 FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
                double temperature, int64_t ignore_index, bool want_entropy, int64_t vocab_start) {
@@ -110,7 +123,7 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
   params_to_float(params, pr);
   const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
 
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const char* row = base + n * row_bytes;
       float l = 0.0f, h = 0.0f;
@@ -135,10 +148,12 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
 
 void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
              const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-             const Tensor& out, int64_t vocab_start) {
+             const Tensor& out, int64_t vocab_start, const std::optional<Tensor>& scale) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
+  check_scale(scale, logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return;
+  const float sc = scale.has_value() ? scale->const_data_ptr<float>()[0] : 1.0f;  // the upstream gradient of a loss
 
   const RowKernels rk = select_row_kernels();
   const int dt = dtype_code(logits);
@@ -153,7 +168,7 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
   const float* de_p = has_ent ? dent->const_data_ptr<float>() : nullptr;
   const float inv_t = 1.0f / static_cast<float>(temperature);
 
-  at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       const char* row = in_base + n * in_row_bytes;
       char* orow = out_base + n * out_row_bytes;
@@ -165,7 +180,7 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
       const int64_t yl = y - vocab_start;
       const bool owned = yl >= 0 && yl < V;  // else the target is in another vocabulary shard
       const float zy = owned ? load_scalar(row, yl, dt) : 0.0f;  // read before the row is (maybe) overwritten
-      const float l = lse_p[n], dl = dl_p[n];
+      const float l = lse_p[n], dl = dl_p[n] * sc;
       const float h = has_ent ? ent_p[n] : 0.0f, de = has_ent ? de_p[n] : 0.0f;
       rk.bwd(row, orow, V, dt, inv_t, l, h, dl, de, has_ent);
       if (!owned) continue;
@@ -178,6 +193,74 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
   });
 }
 
+// ---- finish: the O(N) step after the forward pass (mhpo_finish.h), one serial
+// loop in a fixed order (deterministic). ----
+void finish_serial(const FinishArgs& a) {
+  a.bad[0] = BAD_NONE, a.bad[1] = -1;
+  for (int64_t n = 0; n < a.N; ++n) a.dlogp[n] = 0.0f;
+  FinishAcc acc = finish_acc_empty();
+  if (!finish_layout_ok(a)) {
+    a.bad[0] = BAD_CU_SEQLENS;
+  } else {
+    if (a.check) {
+      for (int64_t n = 0; n < a.N; ++n) {
+        if (finish_bad_target(a, n)) {
+          a.bad[0] = BAD_TARGET, a.bad[1] = n;
+          break;
+        }
+      }
+    }
+    // pass 1: the batch-wide denominators
+    float total = 0.0f, n_seq = 0.0f;
+    int64_t t_max = 0;
+    for (int64_t s = 0; s < a.S; ++s) {
+      const int64_t b = finish_cu(a, s), e = finish_cu(a, s + 1);
+      float count = 0.0f;
+      for (int64_t n = b; n < e; ++n) count += finish_mask(a, n);
+      total += count;
+      n_seq += count != 0.0f ? 1.0f : 0.0f;
+      t_max = e - b > t_max ? e - b : t_max;
+    }
+    const float norm = a.cu != nullptr ? static_cast<float>(t_max) * static_cast<float>(a.S)
+                                       : static_cast<float>(a.N > 0 ? a.N : 1);
+    // pass 2: per sequence, its mask sum (and log-ratio), then each token
+    for (int64_t s = 0; s < a.S; ++s) {
+      const int64_t b = finish_cu(a, s), e = finish_cu(a, s + 1);
+      float count = 0.0f, sum_delta = 0.0f;
+      for (int64_t n = b; n < e; ++n) {
+        const float m = finish_mask(a, n);
+        count += m;
+        if (a.seq_level && m != 0.0f) sum_delta += m * (a.logp[n] - a.old[n]);
+      }
+      const float seq_delta = safe_div_f(sum_delta, count);
+      for (int64_t n = b; n < e; ++n) {
+        const float m = finish_mask(a, n);
+        if (m == 0.0f) continue;  // old / adv / ref are read only on active rows
+        const float delta = a.seq_level ? seq_delta : a.logp[n] - a.old[n];
+        const float w = finish_weight(a.agg, m, count, total, n_seq, norm);
+        a.dlogp[n] = finish_token(a.mode, a.params, a.beta, delta, a.adv[n], a.logp[n], a.ref != nullptr,
+                                  a.ref != nullptr ? a.ref[n] : 0.0f, a.entropy != nullptr,
+                                  a.entropy != nullptr ? a.entropy[n] : 0.0f, w, acc);
+      }
+    }
+  }
+  a.loss[0] = acc.loss;
+  finish_metrics(acc, a.metrics);
+}
+
+FinishOut finish_cpu(const Tensor& logp, const std::optional<Tensor>& entropy, const Tensor& old, const Tensor& adv,
+                     const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
+                     const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
+                     c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
+                     int64_t num_classes, bool check) {
+  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg);
+  auto out = alloc_finish(logp);
+  FinishArgs a = finish_args(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params,
+                             beta, seq_level, agg, ignore_index, num_classes, check, out);
+  finish_serial(a);
+  return out;
+}
+
 // ---- Meta: shapes only (FakeTensor / torch.compile) ----
 FwdOut fwd_meta(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                 const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
@@ -188,8 +271,18 @@ FwdOut fwd_meta(const Tensor& logits, const Tensor& target, const Tensor& old, c
 
 void bwd_meta(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
               const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-              const Tensor& out, int64_t vocab_start) {
+              const Tensor& out, int64_t vocab_start, const std::optional<Tensor>& scale) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
+  check_scale(scale, logits);
+}
+
+FinishOut finish_meta(const Tensor& logp, const std::optional<Tensor>& entropy, const Tensor& old, const Tensor& adv,
+                      const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
+                      const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
+                      c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
+                      int64_t num_classes, bool check) {
+  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg);
+  return alloc_finish(logp);
 }
 
 }  // namespace
@@ -202,18 +295,24 @@ TORCH_LIBRARY(mhpo_kernels_C, m) {
       "-> (Tensor logp, Tensor entropy, Tensor lse, Tensor loss, Tensor coef)");
   m.def(
       "bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, Tensor dlogp, Tensor? dent, "
-      "float temperature, int ignore_index, Tensor(a!) out, int vocab_start=0) -> ()");
+      "float temperature, int ignore_index, Tensor(a!) out, int vocab_start=0, Tensor? scale=None) -> ()");
+  m.def(
+      "finish(Tensor logp, Tensor? entropy, Tensor old, Tensor adv, Tensor? mask, Tensor? ref, Tensor target, "
+      "Tensor? cu_seqlens, int num_seqs, int seq_len, int mode, float[] params, float beta, bool seq_level, int agg, "
+      "int ignore_index, int num_classes, bool check) -> (Tensor loss, Tensor dlogp, Tensor metrics, Tensor bad)");
   m.def("cpu_isa() -> str", &mhpo::cpu_isa);
 }
 
 TORCH_LIBRARY_IMPL(mhpo_kernels_C, CPU, m) {
   m.impl("fwd", &mhpo::fwd_cpu);
   m.impl("bwd", &mhpo::bwd_cpu);
+  m.impl("finish", &mhpo::finish_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mhpo_kernels_C, Meta, m) {
   m.impl("fwd", &mhpo::fwd_meta);
   m.impl("bwd", &mhpo::bwd_meta);
+  m.impl("finish", &mhpo::finish_meta);
 }
 
 MHPO_PY_MODULE(_C_cpu)

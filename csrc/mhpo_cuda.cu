@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(kBlock) bwd_kernel(const BwdArgs a) {
       for (int i = g.tail + lane; i < V; i += TPR) o[i] = S(0);
       continue;
     }
-    const float lse = a.lse[row], dl = a.dlogp[row];
+    const float lse = a.lse[row], dl = a.scale != nullptr ? a.dlogp[row] * *a.scale : a.dlogp[row];
     const float H = ENT ? a.entropy[row] : 0.0f, de = ENT ? a.dent[row] : 0.0f;
     const int64_t yl = y - a.vocab_start;  // -1: the target is in another vocabulary shard
     const int yi = (yl >= 0 && yl < V) ? static_cast<int>(yl) : -1;

@@ -34,6 +34,7 @@ struct BwdArgs {
   int32_t dtype;
   const int64_t* target;
   const float *lse, *entropy, *dlogp, *dent;  // entropy / dent null: no entropy term
+  const float* scale;  // one value multiplying every dlogp (the loss's upstream gradient), or null
   float temperature;
   int64_t ignore_index;
   int64_t vocab_start;  // the buffer holds vocabulary ids [vocab_start, vocab_start + V)

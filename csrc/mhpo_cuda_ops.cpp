@@ -12,7 +12,12 @@
 #include <vector>
 
 #include "mhpo_cuda.h"
+#include "mhpo_finish_ops.h"
 #include "mhpo_ops.h"
+
+namespace mhpo::cuda {
+cudaError_t launch_finish(const FinishArgs& a, cudaStream_t stream);  // mhpo_finish.cu
+}  // namespace mhpo::cuda
 
 namespace mhpo {
 namespace {
@@ -64,8 +69,9 @@ FwdOut fwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& old, c
 
 void bwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
               const Tensor& dlogp, const std::optional<Tensor>& dent, double temperature, int64_t ignore_index,
-              const Tensor& out, int64_t vocab_start) {
+              const Tensor& out, int64_t vocab_start, const std::optional<Tensor>& scale) {
   check_bwd(logits, target, lse, entropy, dlogp, dent, temperature, out);
+  check_scale(scale, logits);
   const c10::cuda::CUDAGuard guard(logits.device());
   cuda::BwdArgs a{};
   a.logits = logits.const_data_ptr();
@@ -80,11 +86,26 @@ void bwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& lse, con
   a.dlogp = dlogp.const_data_ptr<float>();
   a.entropy = dent.has_value() ? entropy->const_data_ptr<float>() : nullptr;
   a.dent = dent.has_value() ? dent->const_data_ptr<float>() : nullptr;
+  a.scale = scale.has_value() ? scale->const_data_ptr<float>() : nullptr;  // read on the device: no sync
   a.temperature = static_cast<float>(temperature);
   a.ignore_index = ignore_index;
   a.vocab_start = vocab_start;
   const int dev = logits.get_device();
   C10_CUDA_CHECK(cuda::launch_bwd(a, c10::cuda::getCurrentCUDAStream(dev).stream(), num_sms(dev)));
+}
+
+FinishOut finish_cuda(const Tensor& logp, const std::optional<Tensor>& entropy, const Tensor& old, const Tensor& adv,
+                      const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
+                      const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
+                      c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
+                      int64_t num_classes, bool check) {
+  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg);
+  const c10::cuda::CUDAGuard guard(logp.device());
+  auto out = alloc_finish(logp);
+  const FinishArgs a = finish_args(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
+                                   params, beta, seq_level, agg, ignore_index, num_classes, check, out);
+  C10_CUDA_CHECK(cuda::launch_finish(a, c10::cuda::getCurrentCUDAStream(logp.get_device()).stream()));
+  return out;
 }
 
 }  // namespace
@@ -93,6 +114,7 @@ void bwd_cuda(const Tensor& logits, const Tensor& target, const Tensor& lse, con
 TORCH_LIBRARY_IMPL(mhpo_kernels_C, CUDA, m) {
   m.impl("fwd", &mhpo::fwd_cuda);
   m.impl("bwd", &mhpo::bwd_cuda);
+  m.impl("finish", &mhpo::finish_cuda);
 }
 
 MHPO_PY_MODULE(_C_cuda)

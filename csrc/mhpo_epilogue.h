@@ -96,8 +96,8 @@ struct TokenOut {
 
 // MHPO: psi = c tanh(delta / c), zeta = (sp(psi)/lam+)^k+ + (sp(-psi)/lam-)^k- on a
 // stop-gradient psi, loss = -exp(psi - zeta) A, d loss / d delta = loss * dpsi.
-// params: (c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp, 0).
-MHPO_HD TokenOut mhpo_token(float delta, float adv, const float* p) {
+// params: (c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp, 0). Also hands back psi and zeta.
+MHPO_HD TokenOut mhpo_token_parts(float delta, float adv, const float* p, float* psi_out, float* zeta_out) {
   float psi = delta, dpsi = 1.0f;
   if (p[5] != 0.0f) {
     float th;
@@ -109,7 +109,13 @@ MHPO_HD TokenOut mhpo_token(float delta, float adv, const float* p) {
     zeta = pow_nonneg(softplus_f(psi) / p[2], p[1]) + pow_nonneg(softplus_f(-psi) / p[4], p[3]);
   }
   const float w = expf(psi - zeta);  // jointly: exp(psi) alone overflows for "DHP only"
+  *psi_out = psi, *zeta_out = zeta;
   return {-w * adv, -adv * w * dpsi};
+}
+
+MHPO_HD TokenOut mhpo_token(float delta, float adv, const float* p) {
+  float psi, zeta;
+  return mhpo_token_parts(delta, adv, p, &psi, &zeta);
 }
 
 // torch.maximum's gradient: the larger side, half of each on a tie.
@@ -123,11 +129,14 @@ MHPO_HD void pick_max(float la, float ga, float lb, float gb, float* l, float* g
   }
 }
 
-// verl's clipped surrogate. params: (eps_low, eps_high, dual_clip_c or 0, delta cap or 0).
-MHPO_HD TokenOut clip_token(float delta, float adv, const float* p) {
-  const float ld = fminf(fmaxf(delta, -kLogRatioLimit), kLogRatioLimit);
+// verl's clipped surrogate with the log-ratio clamped to [lo, hi] (clip: +-20;
+// GSPO: (-inf, 10]). params: (eps_low, eps_high, dual_clip_c or 0, delta cap or 0).
+// *pre_dual: the loss before the dual-clip cap (what the dual_clipfrac metric compares).
+MHPO_HD TokenOut clip_token_limits(float delta, float adv, const float* p, float lo_lim, float hi_lim,
+                                   float* pre_dual) {
+  const float ld = fminf(fmaxf(delta, lo_lim), hi_lim);
   const float r = expf(ld);
-  const float dr = (delta >= -kLogRatioLimit && delta <= kLogRatioLimit) ? r : 0.0f;
+  const float dr = (delta >= lo_lim && delta <= hi_lim) ? r : 0.0f;
   float u = r, du = dr;
   if (p[3] > 0.0f && r > p[3]) u = p[3], du = 0.0f;
   const float lo = 1.0f - p[0], hi = 1.0f + p[1];
@@ -135,6 +144,7 @@ MHPO_HD TokenOut clip_token(float delta, float adv, const float* p) {
   const float dc = (r >= lo && r <= hi) ? dr : 0.0f;
   float loss, g;
   pick_max(-u * adv, -du * adv, -c * adv, -dc * adv, &loss, &g);
+  *pre_dual = loss;
   if (p[2] > 0.0f && adv < 0.0f) {  // dual clip: min(loss, -c3 A), constant side has no gradient
     const float cap = -p[2] * adv;
     if (loss > cap) {
@@ -144,6 +154,11 @@ MHPO_HD TokenOut clip_token(float delta, float adv, const float* p) {
     }
   }
   return {loss, g};
+}
+
+MHPO_HD TokenOut clip_token(float delta, float adv, const float* p) {
+  float pre;
+  return clip_token_limits(delta, adv, p, -kLogRatioLimit, kLogRatioLimit, &pre);
 }
 
 // SAPO: loss = -(4/tau) sigmoid(tau (r - 1)) A with r = exp(min(delta, 20)).

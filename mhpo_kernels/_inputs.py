@@ -37,7 +37,7 @@ class Prepared(NamedTuple):
     target: torch.Tensor  # [N] int64
     old: torch.Tensor  # [N] compute dtype
     adv: torch.Tensor  # [N]
-    mask: torch.Tensor  # [N] mask values with ignore_index rows zeroed
+    mask: Optional[torch.Tensor]  # [N] mask values with ignore_index rows zeroed (raw_mask: as given, or None)
     ref: Optional[torch.Tensor]  # [N] or None
     shape: tuple  # target_ids.shape
     seq_shape: tuple  # (B, T) for the seq-* aggregation modes
@@ -73,8 +73,13 @@ def prepare(
     ref_logprobs,
     beta,
     compute_dtype=None,
+    raw_mask=False,
 ) -> Prepared:
-    """Validate every argument and flatten the per-token ones to [N]."""
+    """Validate every argument and flatten the per-token ones to [N].
+
+    ``raw_mask=True`` (the fused finishing step, which zeroes ignore_index rows
+    itself): ``mask`` stays None when not given and ignored rows are not zeroed.
+    """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in LOGITS_DTYPES:
@@ -114,10 +119,11 @@ def prepare(
         advantages = advantages[:, None].expand(shape)  # one advantage per sequence
     adv = _flat("advantages", advantages, shape, device, compute_dtype)
     if mask is None:
-        m = torch.ones(shape, device=device, dtype=compute_dtype).reshape(-1)
+        m = None if raw_mask else torch.ones(shape, device=device, dtype=compute_dtype).reshape(-1)
     else:
         m = _flat("mask", mask, shape, device, compute_dtype, allow=("float", "bool", "int"))
-    m = torch.where(target == ignore_index, torch.zeros_like(m), m)
+    if not raw_mask:
+        m = torch.where(target == ignore_index, torch.zeros_like(m), m)
     ref = None if ref_logprobs is None else _flat("ref_logprobs", ref_logprobs, shape, device, compute_dtype)
 
     logits2d = logits.reshape(-1, V)

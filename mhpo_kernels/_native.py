@@ -54,13 +54,24 @@ class _Backend:
         )
 
     @staticmethod
-    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
-        """Writes d loss / d logits into ``out`` ([N, V], logits dtype; may be ``logits``) and returns it."""
+    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0, scale=None):
+        """Writes d loss / d logits into ``out`` ([N, V], logits dtype; may be ``logits``) and returns it;
+        ``scale`` (one float32 value, or None) multiplies ``dlogp``."""
         torch.ops.mhpo_kernels_C.bwd(
             logits, target, lse, entropy if dent is not None else None, dlogp, dent,
-            float(temperature), int(ignore_index), out, int(vocab_start),
+            float(temperature), int(ignore_index), out, int(vocab_start), scale,
         )
         return out
+
+    @staticmethod
+    def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
+               seq_level, agg, ignore_index, num_classes, check):
+        """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step."""
+        return torch.ops.mhpo_kernels_C.finish(
+            logp, entropy, old, adv, mask, ref, target, cu_seqlens, int(num_seqs), int(seq_len), int(mode),
+            [float(p) for p in params], float(beta), bool(seq_level), int(agg), int(ignore_index), int(num_classes),
+            bool(check),
+        )
 
 
 def backend(name: str) -> _Backend:

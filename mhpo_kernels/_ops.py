@@ -1,8 +1,17 @@
-"""The fused op, registered with ``torch.library`` so ``torch.compile`` captures it.
+"""The fused ops, registered with ``torch.library`` so ``torch.compile`` captures them.
 
-``mhpo_kernels::fused_fwd`` returns per-token ``(logp, entropy, lse, loss, coef)``;
-``logp``, ``entropy`` and ``loss`` are differentiable w.r.t. the logits, through
-``mhpo_kernels::fused_bwd`` (or ``fused_bwd_`` which overwrites the logits).
+``mhpo_kernels::policy_fwd``: the backend's pass over the logits (log-probs,
+entropy, log-sum-exp) and its one finishing launch (sequence sums, the ratio
+control, aggregation weights, loss, per-token ``d loss / d logp``, metrics, the
+bad-input record: :mod:`mhpo_kernels._finish`), then one read of that record
+(the call's only host sync; none with ``check_ids=False`` or under CUDA-graph
+capture). Returns ``(loss, logp, entropy, lse, dlogp, metrics)``; ``loss``,
+``logp`` and ``entropy`` are differentiable w.r.t. the logits.
+
+``mhpo_kernels::policy_bwd`` (or ``policy_bwd_``, which overwrites the logits):
+the one backward launch. It takes the loss's upstream gradient as a tensor
+(``scale``) and the entropy's per-token gradient: no autograd arithmetic around
+it, no zeros for outputs nobody differentiates.
 """
 from __future__ import annotations
 
@@ -12,55 +21,73 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._inputs import check_target_ids
+from ._finish import METRICS, raise_bad_input
+from .config import MODE_NONE
 
 
-@torch.library.custom_op("mhpo_kernels::fused_fwd", mutates_args=())
-def fused_fwd(
-    logits: Tensor, target: Tensor, old: Tensor, adv: Tensor, mask: Tensor, ref: Optional[Tensor],
-    mode: int, params: List[float], beta: float, temperature: float, ignore_index: int,
-    want_entropy: bool, inplace_backward: bool, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if not (target.is_cuda and torch.cuda.is_current_stream_capturing()):  # a host sync cannot be captured
-        check_target_ids(target, logits.shape[1], ignore_index)  # before any launch, also under compile
-    return backends.get(backend).fwd(
-        logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy
-    )
+def _forward(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level, agg,
+             temperature, ignore_index, want_entropy, check_ids, backend):
+    kb = backends.get(backend)
+    N, V = logits.shape
+    # MODE_NONE: the pass over the logits never reads old / adv / mask, any [N] float32 stands in
+    logp, entropy, lse, _, _ = kb.fwd(logits, target, old, adv, mask if mask is not None else old, None, MODE_NONE,
+                                      params, 0.0, temperature, ignore_index, want_entropy)
+    loss, dlogp, metrics, bad = kb.finish(
+        logp, entropy if want_entropy else None, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
+        params, beta, seq_level, agg, ignore_index, V, check_ids)
+    if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        raise_bad_input(bad, target, cu_seqlens, V, ignore_index)  # the one host sync, after both launches
+    return loss, logp, entropy, lse, dlogp, metrics
 
 
-@fused_fwd.register_fake
-def _(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index,
-      want_entropy, inplace_backward, backend):
+@torch.library.custom_op("mhpo_kernels::policy_fwd", mutates_args=())
+def policy_fwd(
+    logits: Tensor, target: Tensor, old: Tensor, adv: Tensor, mask: Optional[Tensor], ref: Optional[Tensor],
+    cu_seqlens: Optional[Tensor], num_seqs: int, seq_len: int, mode: int, params: List[float], beta: float,
+    seq_level: bool, agg: int, temperature: float, ignore_index: int, want_entropy: bool, check_ids: bool,
+    inplace_backward: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> (loss 0-d, logp [N], entropy [N] or [0], lse [N], dlogp [N] = d loss / d logp, metrics [13])."""
+    return _forward(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level,
+                    agg, temperature, ignore_index, want_entropy, check_ids, backend)
+
+
+@policy_fwd.register_fake
+def _(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level, agg,
+      temperature, ignore_index, want_entropy, check_ids, inplace_backward, backend):
     N = logits.shape[0]
-    new = lambda n: logits.new_empty(n, dtype=torch.float32)  # noqa: E731
-    return new(N), new(N if want_entropy else 0), new(N), new(N), new(N)
+    new = lambda *n: logits.new_empty(n, dtype=torch.float32)  # noqa: E731
+    return new(), new(N), new(N if want_entropy else 0), new(N), new(N), new(len(METRICS))
 
 
-@torch.library.custom_op("mhpo_kernels::fused_bwd", mutates_args=())
-def fused_bwd(
-    logits: Tensor, target: Tensor, lse: Tensor, entropy: Optional[Tensor], dlogp: Tensor,
+@torch.library.custom_op("mhpo_kernels::policy_bwd", mutates_args=())
+def policy_bwd(
+    logits: Tensor, target: Tensor, lse: Tensor, entropy: Optional[Tensor], dlogp: Tensor, scale: Optional[Tensor],
     dent: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
 ) -> Tensor:
+    """d / d logits of ``scale * sum(dlogp * logp) + sum(dent * entropy)``: one backward launch."""
     out = torch.empty_like(logits)
-    backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out)
+    backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, scale=scale)
     return out
 
 
-@fused_bwd.register_fake
-def _(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, backend):
+@policy_bwd.register_fake
+def _(logits, target, lse, entropy, dlogp, scale, dent, temperature, ignore_index, backend):
     return torch.empty_like(logits)
 
 
-@torch.library.custom_op("mhpo_kernels::fused_bwd_", mutates_args=("logits",))
-def fused_bwd_(
-    logits: Tensor, target: Tensor, lse: Tensor, entropy: Optional[Tensor], dlogp: Tensor,
+@torch.library.custom_op("mhpo_kernels::policy_bwd_", mutates_args=("logits",))
+def policy_bwd_(
+    logits: Tensor, target: Tensor, lse: Tensor, entropy: Optional[Tensor], dlogp: Tensor, scale: Optional[Tensor],
     dent: Optional[Tensor], temperature: float, ignore_index: int, backend: str,
 ) -> None:
-    backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, logits)
+    """:func:`policy_bwd` written into the logits' own storage."""
+    backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, logits,
+                              scale=scale)
 
 
-@fused_bwd_.register_fake
-def _(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, backend):
+@policy_bwd_.register_fake
+def _(logits, target, lse, entropy, dlogp, scale, dent, temperature, ignore_index, backend):
     return None
 
 
@@ -79,31 +106,65 @@ def _eager(t: Tensor) -> bool:
 
 def _setup_context(ctx, inputs, output):
     logits, target = inputs[0], inputs[1]
-    _, entropy, lse, _, coef = output
-    ctx.want_entropy, ctx.backend = inputs[11], inputs[13]
-    # In-place is decided here, where the forward is traced: a compiled graph gets the
-    # out-of-place backward (it must not write into a saved graph input).
-    ctx.inplace = inputs[12] and _eager(logits)
-    ctx.temperature, ctx.ignore_index = inputs[9], inputs[10]
-    ctx.save_for_backward(logits, target, lse, entropy, coef)
+    loss, logp, entropy, lse, dlogp, metrics = output
+    ctx.want_entropy, ctx.backend = inputs[16], inputs[19]
+    # in-place is decided where the forward is traced: a compiled graph gets the out-of-place
+    # backward (it must not write into a saved graph input)
+    ctx.inplace = inputs[18] and _eager(logits)
+    ctx.temperature, ctx.ignore_index = inputs[14], inputs[15]
+    ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
+    ctx.mark_non_differentiable(lse, dlogp, metrics)
+    ctx.save_for_backward(logits, target, lse, entropy, dlogp)
 
 
-def _backward(ctx, g_logp, g_ent, g_lse, g_loss, g_coef):
-    logits, target, lse, entropy, coef = ctx.saved_tensors
-    dlogp = torch.zeros_like(lse)
-    if g_loss is not None:
-        dlogp = dlogp + g_loss * coef
-    if g_logp is not None:
-        dlogp = dlogp + g_logp
+def _bwd_args(ctx, g_loss, g_logp, g_ent):
+    logits, target, lse, entropy, dlogp = ctx.saved_tensors
+    if g_logp is not None:  # the public entry points hand out detached log-probs; kept for completeness
+        dlogp = dlogp * g_loss + g_logp if g_loss is not None else g_logp
+        g_loss = None
+    elif g_loss is None:
+        dlogp = torch.zeros_like(lse)
     has_dent = ctx.want_entropy and g_ent is not None
-    args = (target, lse, entropy if has_dent else None, dlogp.contiguous(),
-            g_ent.contiguous() if has_dent else None, ctx.temperature, ctx.ignore_index, ctx.backend)
+    return logits, (target, lse, entropy if has_dent else None, dlogp, g_loss,
+                    g_ent.contiguous() if has_dent else None, ctx.temperature, ctx.ignore_index, ctx.backend)
+
+
+def _backward(ctx, g_loss, g_logp, g_ent, g_lse, g_dlogp, g_metrics):
+    logits, args = _bwd_args(ctx, g_loss, g_logp, g_ent)
     if ctx.inplace and _eager(logits):
-        fused_bwd_(logits, *args)
+        policy_bwd_(logits, *args)
         grad = logits
     else:  # traced (torch.compile, export): the gradient gets its own buffer
-        grad = fused_bwd(logits, *args)
-    return (grad,) + (None,) * 13
+        grad = policy_bwd(logits, *args)
+    return (grad,) + (None,) * 19
 
 
-fused_fwd.register_autograd(_backward, setup_context=_setup_context)
+policy_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerPolicy(torch.autograd.Function):
+    """The same forward and backward as the ops above, for eager calls: a plain autograd.Function
+    costs a fraction of a custom op's per-call Python overhead (which only torch.compile needs)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs[:18], inputs[19])
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g_loss, g_logp, g_ent, g_lse, g_dlogp, g_metrics):
+        logits, (target, lse, entropy, dlogp, scale, dent, temperature, ignore_index, backend) = _bwd_args(
+            ctx, g_loss, g_logp, g_ent)
+        grad = logits if ctx.inplace else torch.empty_like(logits)
+        backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, grad,
+                                  scale=scale)
+        return (grad,) + (None,) * 19
+
+
+def policy_forward(*inputs):
+    """:func:`policy_fwd` (same arguments and outputs): the registered op under torch.compile,
+    a plain autograd.Function in eager mode."""
+    if torch.compiler.is_compiling():
+        return policy_fwd(*inputs)
+    return _EagerPolicy.apply(*inputs)

@@ -1,6 +1,6 @@
 """Backend registry: the one dispatch point of the package.
 
-Every fused backend implements the same two launchers over a ``[N, V]`` logits
+Every fused backend implements the same three launchers over a ``[N, V]`` logits
 buffer. Per-row inputs are contiguous ``[N]`` tensors on the logits' device;
 ``target`` is int64 and already validated (each id in ``[0, V)`` or
 ``ignore_index``). All math is float32.
@@ -30,6 +30,28 @@ ignore_index, want_entropy, vocab_start=0) -> (logp, entropy, lse, loss, coef)``
 * ``dent`` / ``entropy`` may be None (no entropy term). ``out`` is [N, V] in
   the logits dtype and may be ``logits`` itself (in-place backward: each element
   is read before it is written, by the same program).
+
+``bwd(..., scale=None)``: ``scale`` (one float32 value on the logits' device, or
+None = 1) multiplies ``dlogp``: the loss's upstream gradient, taken as a tensor so
+the backward is one launch with no autograd arithmetic around it.
+
+``finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len,
+mode, params, beta, seq_level, agg, ignore_index, num_classes, check)
+-> (loss, dlogp, metrics, bad)``: the O(N) rest of the policy loss after ``fwd``
+(``MODE_NONE``), one launch, deterministic (fixed reduction order):
+
+* per-token inputs as in ``fwd`` (``entropy``, ``mask``, ``ref`` may be None;
+  ``mask=None`` is all ones; rows with ``target == ignore_index`` count as masked);
+  sequences are ``cu_seqlens`` (``[S+1]`` int32 / int64 offsets) or, without it,
+  ``num_seqs`` rows of ``seq_len`` tokens.
+* ``mode``: ``config.MODE_*`` or ``_finish.MODE_GSPO``; ``seq_level``: every active
+  token's log-ratio is its sequence's masked mean; ``agg``: ``_finish.AGG_IDS``.
+* ``loss`` (0-d) ``= sum_n w_n L_n``, ``dlogp[n] = w_n d L_n / d logp_n`` (0 on
+  inactive rows), ``metrics``: the 13 slots of ``_finish.METRICS``; ``bad``: int64
+  ``(kind, position)`` of the first target id outside ``[0, num_classes)`` that is
+  not ``ignore_index`` (when ``check``) or of a bad ``cu_seqlens`` layout
+  (``_finish.BAD_*``), read by the caller after the launch.
+* Implementations: ``csrc/mhpo_finish.h`` (CPU, CUDA), ``triton_kernels/finish.py``.
 
 ``vocab_start`` (vocabulary-parallel shards, ``mhpo_kernels.distributed``): the
 buffer holds vocabulary ids ``[vocab_start, vocab_start + V)``; target ids are

@@ -74,12 +74,13 @@ def shard_layout(V_local: int, N: int, group, vocab_start_index=None, chunk_size
                         dtype=torch.int64, device=device)
     everyone = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(everyone, mine, group=group)
-    sizes = [int(t[0]) for t in everyone]
-    starts = [int(t[1]) for t in everyone]
-    counts = [int(t[2]) for t in everyone]
+    rows = torch.stack(everyone).tolist()  # one device-to-host copy
+    sizes = [r[0] for r in rows]
+    starts = [r[1] for r in rows]
+    counts = [r[2] for r in rows]
     if len(set(counts)) != 1:
         raise ValueError(f"vocabulary-parallel ranks hold different token counts N: {counts}")
-    chunks = [int(t[3]) for t in everyone]
+    chunks = [r[3] for r in rows]
     if len(set(chunks)) != 1:
         raise ValueError(f"vocabulary-parallel ranks use different chunk sizes: {chunks}")
     if all(s == -1 for s in starts):
@@ -141,9 +142,12 @@ class ShardedBackend:
                                            torch.where(active, adv, zero), d, beta, active)
         return logp, entropy, lse, loss, coef
 
-    def bwd(self, logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out):
+    def bwd(self, logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, scale=None):
+        if scale is None:
+            return self.base.bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out,
+                                 vocab_start=self.start)
         return self.base.bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out,
-                             vocab_start=self.start)
+                             vocab_start=self.start, scale=scale)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
@@ -167,6 +171,56 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature,
               ignore_index, grad)
         return grad, None, None, None, None, None, None, None
+
+
+class _VocabParallelPolicy(torch.autograd.Function):
+    """The policy loss on a vocabulary shard: the shard's pass and the O(N) combine, then the
+    backend's one finishing launch on the global log-probs (identical on every rank); the
+    backward is the shard's one backward launch with the loss's upstream gradient as ``scale``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, old, adv, mask, ref, cu_seqlens, finish_args, check_ids, backend, group, start,
+                V_total):
+        ctx.set_materialize_grads(False)
+        num_seqs, seq_len, mode, params, beta, seq_level, agg, temperature, ignore_index, want_entropy = finish_args
+        k = ShardedBackend(backends.get(backend), group, start)
+        logp, entropy, lse, _, _ = k.fwd(logits, target, old, adv, old, None, MODE_NONE, params, 0.0, temperature,
+                                         ignore_index, want_entropy)
+        from ._finish import raise_bad_input
+
+        loss, dlogp, metrics, bad = k.base.finish(
+            logp, entropy if want_entropy else None, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
+            params, beta, seq_level, agg, ignore_index, V_total, check_ids)
+        if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+            raise_bad_input(bad, target, cu_seqlens, V_total, ignore_index)
+        ctx.mark_non_differentiable(logp, metrics)
+        ctx.save_for_backward(logits, target, lse, entropy, dlogp)
+        ctx.args = (temperature, ignore_index, want_entropy, k)
+        return loss, logp, entropy, metrics
+
+    @staticmethod
+    def backward(ctx, g_loss, g_logp, g_ent, g_metrics):
+        logits, target, lse, entropy, dlogp = ctx.saved_tensors
+        temperature, ignore_index, want_entropy, k = ctx.args
+        if g_loss is None:
+            dlogp = torch.zeros_like(lse)
+        dent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
+        grad = torch.empty_like(logits)
+        k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature, ignore_index, grad,
+              scale=None if g_loss is None else g_loss.float())
+        return (grad,) + (None,) * 12
+
+
+def vocab_parallel_policy(logits2d, target, old, adv, mask, ref, cu_seqlens, finish_args, *, group, check_ids,
+                          backend, vocab_start_index=None):
+    """``(loss, logp, entropy, metrics)`` of the fused policy loss on a vocabulary shard ``[N, V_local]``
+    (a fused backend; ``finish_args`` as :func:`mhpo_kernels._finish.policy_fwd` takes them)."""
+    start, V_total = shard_layout(logits2d.shape[1], logits2d.shape[0], group, vocab_start_index)
+    ignore_index = finish_args[8]
+    if 0 <= ignore_index < V_total:
+        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V_total}; use a negative value")
+    return _VocabParallelPolicy.apply(logits2d, target, old, adv, mask, ref, cu_seqlens, finish_args, bool(check_ids),
+                                      backend, group, start, V_total)
 
 
 def vocab_parallel_logprobs(logits2d, target, *, group, temperature=1.0, ignore_index=-100,

@@ -10,7 +10,7 @@ def mhpo_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, config=None,
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", inplace_backward=False,
-    process_group=None, vocab_start_index=None,
+    process_group=None, vocab_start_index=None, check_ids=True,
 ) -> MHPOOutput:
     """MHPO policy loss from logits, fused: no [N, V] float32 temporary.
 
@@ -37,6 +37,10 @@ def mhpo_loss(
             :mod:`mhpo_kernels.distributed`): this rank's logits hold vocabulary
             ids ``[vocab_start_index, vocab_start_index + V_local)``; target ids
             are global. Default start: the sum of the shard sizes of lower ranks.
+        check_ids: True: an id outside ``[0, V)`` that is not ``ignore_index``
+            raises ValueError (recorded by the finishing kernel, read with the
+            call's one host sync). False: no host sync (CUDA-graph capturable),
+            for ids validated upstream.
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``.
@@ -58,5 +62,5 @@ def mhpo_loss(
         importance_sampling_level="token", temperature=temperature, loss_agg_mode=loss_agg_mode,
         ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
         backend=backend, inplace_backward=inplace_backward, process_group=process_group,
-        vocab_start_index=vocab_start_index,
+        vocab_start_index=vocab_start_index, check_ids=check_ids,
     )

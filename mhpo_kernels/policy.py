@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from . import backends, reference
 from ._inputs import LOSS_AGG_MODES, MHPOOutput, _flat, aggregation_weights, prepare, safe_div
-from ._ops import fused_fwd
+from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
+from ._ops import policy_forward
 from .config import (
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_NONE, ClipConfig, GSPOConfig, MHPOConfig,
     SAPOConfig, resolve_ratio_control,
@@ -182,7 +183,7 @@ def policy_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto",
-    inplace_backward=False, process_group=None, vocab_start_index=None,
+    inplace_backward=False, process_group=None, vocab_start_index=None, check_ids=True,
 ) -> MHPOOutput:
     """Policy loss of any ratio control from logits, fused: no [N, V] float32 temporary.
 
@@ -222,6 +223,12 @@ def policy_loss(
             log-probs, entropy and metrics, and the gradient of its own shard.
             ``inplace_backward`` is not used in this mode. With an NCCL
             group, the layout check travels on the current CUDA device.
+        check_ids: True (default): the finishing kernel records the first
+            target id outside ``[0, V)`` that is not ``ignore_index`` (and a bad
+            ``cu_seqlens`` layout), and one host sync after the launches raises
+            ValueError about it. False: no host sync at all (one forward +
+            backward can be captured in a CUDA graph); for callers that
+            validate ids upstream (an out-of-range id then just gets log-prob 0).
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``. metrics:
@@ -246,7 +253,7 @@ def policy_loss(
     if process_group is not None:
         return _vocab_parallel_policy_loss(
             logits, target_ids, old_logprobs, advantages, mask, cfg, level, cu_seqlens, temperature, loss_agg_mode,
-            ignore_index, ref_logprobs, beta, return_entropy, name, process_group, vocab_start_index)
+            ignore_index, ref_logprobs, beta, return_entropy, name, process_group, vocab_start_index, check_ids)
     if name == "torch":
         return reference.policy_loss(
             logits, target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
@@ -259,32 +266,66 @@ def policy_loss(
     x = prepare(
         logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
         loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
-        beta=beta, compute_dtype=torch.float32,
+        beta=beta, compute_dtype=torch.float32, raw_mask=True,
     )
-    seqs = _sequences(x, cu_seqlens, logits)
+    if cu_seqlens is not None:
+        _check_cu_seqlens_static(cu_seqlens, logits)  # the data checks run in the finishing kernel
     if inplace_backward and x.logits.shape[0] > 1 and x.logits.stride(0) < x.logits.shape[1]:
         raise ValueError("inplace_backward=True needs logits whose rows do not overlap (stride(0) >= V); "
                          f"got stride {x.logits.stride(0)} for V = {x.logits.shape[1]}")
-    token = level == "token"
-    logp, entropy, _, loss_tok, _ = fused_fwd(
-        x.logits, x.target, x.old, x.adv, x.mask, x.ref if token and beta else None,
-        cfg.kernel_mode if token else MODE_NONE, list(cfg.kernel_params()), float(beta), float(temperature),
-        int(ignore_index), bool(return_entropy), bool(inplace_backward), name,
+    B, T = x.seq_shape
+    loss, logp, entropy, _, _, metrics = policy_forward(
+        x.logits, x.target, x.old, x.adv, x.mask, x.ref, cu_seqlens, B, T, finish_mode(cfg),
+        list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], float(temperature),
+        int(ignore_index), bool(return_entropy), bool(check_ids), bool(inplace_backward), name,
     )
-    ent = entropy if return_entropy else None
-    if token:  # the epilogue gave the per-token loss and its coefficient
-        loss = (loss_tok * seqs.weights(x.mask, loss_agg_mode)).sum()
-        metrics = metrics_from_logprobs(cfg, logp, x.old, x.adv, x.mask, x.ref, ent)
-    else:
-        loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, seqs, loss_agg_mode, ent)
+    metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, x.ref is not None))
     return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,
                       metrics)
 
 
+def _check_cu_seqlens_static(cu_seqlens, logits):
+    """The checks of cu_seqlens that read no data (the finishing kernel checks the offsets themselves)."""
+    if logits.dim() != 2:
+        raise ValueError(f"cu_seqlens needs packed [N, V] logits, got shape {tuple(logits.shape)}")
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D [S+1] tensor of offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != logits.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but logits are on {logits.device}")
+    if not cu_seqlens.is_contiguous():
+        raise ValueError("cu_seqlens must be contiguous")
+
+
 def _vocab_parallel_policy_loss(logits, target_ids, old_logprobs, advantages, mask, cfg, level, cu_seqlens,
                                 temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, return_entropy, name,
-                                group, vocab_start_index):
+                                group, vocab_start_index, check_ids):
     """policy_loss on a vocabulary shard: global log-probs, then the O(N) loss on every rank."""
+    if name != "torch":  # the fused backends: the finishing launch on the global log-probs
+        from .distributed import vocab_parallel_policy
+
+        if logits.dtype == torch.float64:
+            raise TypeError(f"backend {name!r} takes float32 / bfloat16 / float16 logits; use backend='torch' for "
+                            "float64")
+        x = prepare(
+            logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
+            loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
+            beta=beta, compute_dtype=torch.float32, raw_mask=True,
+        )
+        if cu_seqlens is not None:
+            _check_cu_seqlens_static(cu_seqlens, logits)
+        B, T = x.seq_shape
+        finish_args = (B, T, finish_mode(cfg), list(cfg.kernel_params()), float(beta), level == "sequence",
+                       AGG_IDS[loss_agg_mode], float(temperature), int(ignore_index), bool(return_entropy))
+        loss, logp, ent, metrics = vocab_parallel_policy(
+            x.logits, x.target, x.old, x.adv, x.mask, x.ref, cu_seqlens, finish_args, group=group,
+            check_ids=check_ids, backend=name, vocab_start_index=vocab_start_index)
+        metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, x.ref is not None))
+        return MHPOOutput(loss, logp.reshape(x.shape), ent.reshape(x.shape) if return_entropy else None, metrics)
+
     from .distributed import vocab_parallel_logprobs
 
     x = prepare(
@@ -366,7 +407,7 @@ def policy_loss_from_logprobs(
 
 
 def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto",
-                   process_group=None, vocab_start_index=None):
+                   process_group=None, vocab_start_index=None, check_ids=True):
     """Log-probs of the targets (and the entropy), fused: one pass over the logits, no [N, V] temporary.
 
     ``logp = z[y]/T - logsumexp(z/T)``, ``H = -sum_v p log p`` with
@@ -382,6 +423,7 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
         backend: "auto" | "triton" | "cuda" | "cpu" | "torch" (``log_softmax``).
         process_group, vocab_start_index: vocabulary-parallel logits, as in
             :func:`policy_loss` (O(N) communication).
+        check_ids: as in :func:`policy_loss` (False: no host sync).
 
     Returns:
         logprobs, shape of target_ids, float32 (float64 for float64 logits);
@@ -408,10 +450,14 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
                                         return_entropy=return_entropy)
     if logits.dtype == torch.float64:
         raise TypeError(f"backend {name!r} takes float32 / bfloat16 / float16 logits; use backend='torch' for float64")
-    x = reference.prepare_targets(logits, target_ids, temperature, ignore_index)
-    logp, entropy, _, _, _ = fused_fwd(
-        x.logits, x.target, x.old, x.adv, x.mask, None, MODE_NONE, [0.0] * KERNEL_PARAMS, 0.0,
-        float(temperature), int(ignore_index), bool(return_entropy), False, name,
+    # old / adv are placeholders: with MODE_NONE they only feed metrics nobody reads
+    unused = torch.empty(logits.shape[:-1], device=logits.device) if logits.dim() in (2, 3) else None
+    x = prepare(logits, target_ids, unused, unused, None, temperature=temperature, loss_agg_mode="token-mean",
+                ignore_index=ignore_index, ref_logprobs=None, beta=0.0, compute_dtype=torch.float32, raw_mask=True)
+    B, T = x.seq_shape
+    _, logp, entropy, _, _, _ = policy_forward(
+        x.logits, x.target, x.old, x.adv, None, None, None, B, T, MODE_NONE, [0.0] * KERNEL_PARAMS, 0.0, False, 0,
+        float(temperature), int(ignore_index), bool(return_entropy), bool(check_ids), False, name,
     )
     logp = logp.reshape(x.shape)
     return (logp, entropy.reshape(x.shape)) if return_entropy else logp

@@ -24,9 +24,12 @@ def bad_ids(value):
     return edit
 
 
+# ids are checked by the finishing kernel, read after the launches (the call's one host sync)
+BAD_IDS = {
+    "id_too_large": (bad_ids(11), ValueError, r"target_ids\[8\] \(flattened\) = 11 is outside \[0, 11\)"),
+    "id_negative": (bad_ids(-1), ValueError, r"target_ids\[8\] \(flattened\) = -1 is outside"),
+}
 BAD = {
-    "id_too_large": (bad_ids(11), ValueError, r"target_ids\[8\].*= 11 is outside \[0, 11\)"),
-    "id_negative": (bad_ids(-1), ValueError, r"target_ids\[8\].*= -1 is outside"),
     "float_ids": (lambda a: a.update(target_ids=a["target_ids"].float()), TypeError, "target_ids must have a int"),
     "int_logits": (lambda a: a.update(logits=a["logits"].long()), TypeError, "logits must be float32"),
     "1d_logits": (lambda a: a.update(logits=a["logits"][0, 0]), ValueError, r"logits must be \[N, V\]"),
@@ -56,6 +59,21 @@ def test_bad_inputs(backend, case, no_launch):
     edit(a)
     with pytest.raises(exc, match=msg):
         mk.mhpo_loss(**a, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+@pytest.mark.parametrize("case", list(BAD_IDS), ids=list(BAD_IDS))
+def test_bad_ids(backend, case):
+    a, _ = args()
+    edit, exc, msg = BAD_IDS[case]
+    edit(a)
+    logits = a.pop("logits").requires_grad_()
+    with pytest.raises(exc, match=msg):
+        mk.mhpo_loss(logits, **a, backend=backend)
+    assert logits.grad is None
+    if backend != "torch":  # the caller vouches for the ids: no check, no host sync
+        out = mk.mhpo_loss(logits, **a, backend=backend, check_ids=False)
+        assert out.logprobs.reshape(-1)[8] == 0 and torch.isfinite(out.loss)
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
@@ -145,18 +163,20 @@ def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):
 
 
 @pytest.mark.parametrize("backend", FUSED)
-def test_opcheck(backend, no_poison):
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_opcheck(backend, packed, no_poison):
     logits, ids, old, adv, mask, ref = make_case((9,), 23, torch.float32, seed=1, device=DEVICE)
     cfg = mk.MHPOConfig()
     logits.requires_grad_()
-    fwd_args = (logits, ids, old, adv, mask, ref, cfg.kernel_mode, list(cfg.kernel_params()), 0.1, 0.9, -100,
-                True, False, backend)
-    torch.library.opcheck(_ops.fused_fwd, fwd_args)
-    logp, ent, lse, loss, coef = (t.detach() for t in _ops.fused_fwd(*fwd_args))
-    bwd_args = (logits.detach(), ids, lse, ent, torch.randn(9, device=DEVICE), torch.randn(9, device=DEVICE), 0.9,
-                -100, backend)
-    torch.library.opcheck(_ops.fused_bwd, bwd_args)
-    torch.library.opcheck(_ops.fused_bwd_, (logits.detach().clone(),) + bwd_args[1:])
+    cu = torch.tensor([0, 4, 9], device=DEVICE) if packed else None
+    fwd_args = (logits, ids, old, adv, mask, ref, cu, 1, 9, cfg.kernel_mode, list(cfg.kernel_params()), 0.1,
+                packed, 1, 0.9, -100, True, True, False, backend)
+    torch.library.opcheck(_ops.policy_fwd, fwd_args)
+    loss, logp, ent, lse, dlogp, metrics = (t.detach() for t in _ops.policy_fwd(*fwd_args))
+    bwd_args = (logits.detach(), ids, lse, ent, dlogp, torch.rand((), device=DEVICE), torch.randn(9, device=DEVICE),
+                0.9, -100, backend)
+    torch.library.opcheck(_ops.policy_bwd, bwd_args)
+    torch.library.opcheck(_ops.policy_bwd_, (logits.detach().clone(),) + bwd_args[1:])
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])

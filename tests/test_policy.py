@@ -601,14 +601,17 @@ def cu(values, **kw):
     return lambda a: a.update(cu_seqlens=torch.tensor(values, **{"device": a["logits"].device, **kw}))
 
 
+# the offsets themselves are checked by the finishing kernel, read after the launches (one host sync)
+BAD_LAYOUT = {
+    "cu_start": (cu([1, 20, 37]), ValueError, r"cu_seqlens\[0\] must be 0, got 1"),
+    "cu_end": (cu([0, 20, 36]), ValueError, r"cu_seqlens\[-1\] must be the token count N=37, got 36"),
+    "cu_decreasing": (cu([0, 20, 10, 37]), ValueError, r"non-decreasing: cu_seqlens\[2\]=10 < cu_seqlens\[1\]=20"),
+}
 BAD = {
     "cu_float": (cu([0.0, 37.0]), TypeError, "cu_seqlens must be int32 or int64"),
     "cu_2d": (cu([[0, 37]]), ValueError, r"cu_seqlens must be a 1-D \[S\+1\]"),
     "cu_empty": (cu([], dtype=torch.int64), ValueError, "cu_seqlens must be a 1-D"),
     "cu_list": (lambda a: a.update(cu_seqlens=[0, 37]), TypeError, "cu_seqlens must be a torch.Tensor"),
-    "cu_start": (cu([1, 20, 37]), ValueError, r"cu_seqlens\[0\] must be 0, got 1"),
-    "cu_end": (cu([0, 20, 36]), ValueError, r"cu_seqlens\[-1\] must be the token count N=37, got 36"),
-    "cu_decreasing": (cu([0, 20, 10, 37]), ValueError, r"non-decreasing: cu_seqlens\[2\]=10 < cu_seqlens\[1\]=20"),
     "cu_device": (lambda a: a.update(cu_seqlens=torch.tensor([0, 37], device="meta")), ValueError,
                   "cu_seqlens is on meta"),
     "cu_3d_logits": (lambda a: a.update(logits=a["logits"][None], target_ids=a["target_ids"][None],
@@ -634,13 +637,31 @@ def test_bad_inputs(backend, case, no_launch):
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
-def test_token_logprobs_bad_inputs(backend, no_launch):
+@pytest.mark.parametrize("case", list(BAD_LAYOUT))
+def test_bad_layout(backend, case):
+    a = packed_args(backend)
+    edit, exc, msg = BAD_LAYOUT[case]
+    edit(a)
+    logits = a.pop("logits").requires_grad_()
+    with pytest.raises(exc, match=msg):
+        mk.policy_loss(logits, **a, backend=backend)
+    assert logits.grad is None
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_token_logprobs_bad_ids(backend):
     a = packed_args(backend)
     logits, ids = a["logits"], a["target_ids"]
     bad = ids.clone()
     bad[3] = 11
-    with pytest.raises(ValueError, match=r"target_ids\[3\].*= 11 is outside \[0, 11\)"):
+    with pytest.raises(ValueError, match=r"target_ids\[3\] \(flattened\) = 11 is outside \[0, 11\)"):
         mk.token_logprobs(logits, bad, backend=backend)
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_token_logprobs_bad_inputs(backend, no_launch):
+    a = packed_args(backend)
+    logits, ids = a["logits"], a["target_ids"]
     with pytest.raises(ValueError, match="target_ids has shape"):
         mk.token_logprobs(logits, ids[:5], backend=backend)
     with pytest.raises(ValueError, match="ignore_index=3 is a valid token id"):

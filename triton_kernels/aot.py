@@ -32,7 +32,19 @@ def configs():
     for dt, b, m, r, e in sorted(fwd):
         yield "fwd", dt, dict(MODE=m, HAS_REF=r, WANT_ENT=e, BLOCK_V=b, LIMIT=CLIP_LOG_RATIO_LIMIT), num_warps(b)
     for dt, b, d in itertools.product(DTYPES, BLOCKS_V, (False, True)):
-        yield "bwd", dt, dict(HAS_DENT=d, BLOCK_V=b), num_warps(b)
+        yield "bwd", dt, dict(HAS_DENT=d, HAS_SCALE=d, BLOCK_V=b), num_warps(b)
+    for dt in DTYPES:  # the loss's upstream gradient without the entropy term, at the largest block
+        yield "bwd", dt, dict(HAS_DENT=False, HAS_SCALE=True, BLOCK_V=top), num_warps(top)
+    # the finishing kernel: every ratio control with everything on (packed, sequence-level) and with
+    # everything off; every aggregation mode padded and packed (the "dtype" is that of cu_seqlens)
+    from .finish import FINISH_BLOCK
+
+    fin = {(m, 1, "i64", True, True) for m in range(5)} | {(m, 0, None, False, False) for m in range(5)}
+    fin |= {(1, agg, cu, False, True) for agg in range(4) for cu in ("i32", None)}
+    for mode, agg, cu, seq, opts in sorted(fin, key=str):
+        yield "finish", cu or "i32", dict(
+            MODE=mode, HAS_ENT=opts, HAS_MASK=opts, HAS_REF=opts, HAS_CU=cu is not None, SEQ_LEVEL=seq, AGG=agg,
+            CHECK=opts, BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0), 4
 
 
 def _signature(fn, dtype, constexprs):
@@ -42,8 +54,12 @@ def _signature(fn, dtype, constexprs):
             sig[name] = "constexpr"
         elif name in ("logits_ptr", "out_ptr"):
             sig[name] = "*" + dtype
-        elif name == "target_ptr":
+        elif name == "cu_ptr":
+            sig[name] = "*" + dtype
+        elif name in ("target_ptr", "bad_ptr"):
             sig[name] = "*i64"
+        elif name in ("N", "S", "seq_len", "num_classes"):
+            sig[name] = "i32"
         elif name.endswith("_ptr"):
             sig[name] = "*fp32"
         elif name.startswith("stride"):
@@ -68,8 +84,9 @@ def compile_one(job):
     from triton.compiler import ASTSource
 
     from . import fused_logprob
+    from .finish import _finish_kernel
 
-    fn = fused_logprob._fwd_kernel if kernel == "fwd" else fused_logprob._bwd_kernel
+    fn = {"fwd": fused_logprob._fwd_kernel, "bwd": fused_logprob._bwd_kernel, "finish": _finish_kernel}[kernel]
     src = ASTSource(fn, _signature(fn, dtype, constexprs), constexprs)
     try:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
@@ -96,7 +113,7 @@ def main(argv=None) -> int:
     print(f"{'kernel':6} {'dtype':5} {'sm':>3} {'warps':>5}  {'REG':>4} {'LOCAL':>5}  constexprs")
     with ProcessPoolExecutor(args.jobs) as pool:
         for (kernel, dtype, cx, warps, arch), res, err in pool.map(compile_one, jobs):
-            flags = " ".join(f"{k}={v}" for k, v in cx.items() if k != "LIMIT")
+            flags = " ".join(f"{k}={v}" for k, v in cx.items() if k not in ("LIMIT", "CLIP_LIMIT", "GSPO_LIMIT"))
             if err or res.get("LOCAL", 0) or res.get("STACK", 0):
                 failures += 1
             if err:

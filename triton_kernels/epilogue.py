@@ -21,8 +21,9 @@ def _softplus(x):
 
 @triton.jit
 def _pow(base, k):
-    # base >= 0; 0 ** k = 0 for k > 0
-    return tl.where(base > 0.0, tl.exp(k * tl.log(tl.maximum(base, 1e-38))), 0.0)
+    # base >= 0; 0 ** k = 0 for k > 0. The clamp is FLT_MIN: a smaller literal would be typed fp64
+    # by Triton and pull the whole epilogue into fp64
+    return tl.where(base > 0.0, tl.exp(k * tl.log(tl.maximum(base, 1.1754943508222875e-38))), 0.0)
 
 
 @triton.jit
@@ -33,6 +34,13 @@ def _sigmoid(x):
 
 @triton.jit
 def mhpo_token(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp):
+    loss, coef, psi, zeta = mhpo_token_parts(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp)
+    return loss, coef
+
+
+@triton.jit
+def mhpo_token_parts(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp):
+    # (loss, coef, psi, zeta): the metrics also want psi and zeta
     # psi = c tanh(delta / c);  dpsi/ddelta = sech^2(delta / c) = 4t / (1 + t)^2, t = e^{-2|delta/c|}
     u = delta / c
     t = tl.exp(-2.0 * tl.abs(u))
@@ -46,7 +54,7 @@ def mhpo_token(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp):
     zeta = _pow(_softplus(psi) / lam_pos, k_pos) + _pow(_softplus(-psi) / lam_neg, k_neg)
     zeta = tl.where(use_dhp != 0.0, zeta, 0.0)
     w = tl.exp(psi - zeta)  # exp(psi) alone may overflow for DHP-only; zeta wins
-    return -w * adv, -adv * w * dpsi
+    return -w * adv, -adv * w * dpsi, psi, zeta
 
 
 @triton.jit

@@ -97,13 +97,16 @@ def _fwd_kernel(
             coef += beta * (1.0 - ed)
         tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
         tl.store(coef_ptr + row, tl.where(active, coef, 0.0))
+    else:  # log-probs only: loss and coef are 0 (written here, not by a separate fill launch)
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(coef_ptr + row, 0.0)
 
 
 @triton.jit
 def _bwd_kernel(
-    logits_ptr, stride_n, out_ptr, stride_out, target_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr,
+    logits_ptr, stride_n, out_ptr, stride_out, target_ptr, lse_ptr, ent_ptr, dlogp_ptr, dent_ptr, scale_ptr,
     V, vocab_start, T, ignore_index,
-    HAS_DENT: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DENT: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_n
@@ -113,6 +116,8 @@ def _bwd_kernel(
     y_loc = y - vocab_start  # never equal to a column when the target is in another shard
     lse = tl.load(lse_ptr + row)
     g = tl.load(dlogp_ptr + row)
+    if HAS_SCALE:  # the loss's upstream gradient, one value for every row
+        g = g * tl.load(scale_ptr)
     if HAS_DENT:
         ge = tl.load(dent_ptr + row)
         H = tl.load(ent_ptr + row)
@@ -150,10 +155,7 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
     f32 = dict(device=dev, dtype=torch.float32)
     logp, lse = torch.empty(N, **f32), torch.empty(N, **f32)
     entropy = torch.empty(N if want_entropy else 0, **f32)
-    if mode == MODE_NONE:
-        loss, coef = torch.zeros(N, **f32), torch.zeros(N, **f32)
-    else:
-        loss, coef = torch.empty(N, **f32), torch.empty(N, **f32)
+    loss, coef = torch.empty(N, **f32), torch.empty(N, **f32)  # the kernel writes 0 for MODE_NONE
     if N == 0:
         return logp, entropy, lse, loss, coef
     block = block_v(V)
@@ -168,7 +170,7 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
     return logp, entropy, lse, loss, coef
 
 
-def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
+def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0, scale=None):
     N, V = logits.shape
     if N == 0:
         return
@@ -176,7 +178,7 @@ def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, ou
     block = block_v(V)
     _bwd_kernel[(N,)](
         logits, logits.stride(0), out, out.stride(0), target, lse,
-        entropy if has_dent else lse, dlogp, dent if has_dent else dlogp,
+        entropy if has_dent else lse, dlogp, dent if has_dent else dlogp, scale if scale is not None else lse,
         V, int(vocab_start), float(temperature), int(ignore_index),
-        HAS_DENT=has_dent, BLOCK_V=block, num_warps=num_warps(block),
+        HAS_DENT=has_dent, HAS_SCALE=scale is not None, BLOCK_V=block, num_warps=num_warps(block),
     )

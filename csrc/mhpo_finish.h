@@ -1,0 +1,186 @@
+// The finishing step of the fused policy loss, shared by the CPU and CUDA
+// kernels (the Triton twin is triton_kernels/finish.py). O(N) work after the
+// forward pass over the logits: per-sequence sums, the ratio control's
+// per-token surrogate at the token (or sequence) log-ratio, the aggregation
+// weights, the loss, the per-token d loss / d logp the backward kernel scales
+// by the upstream gradient, and every metric, in one launch.
+//
+// Python side (layouts, ids, error decoding): mhpo_kernels/_finish.py.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "mhpo_epilogue.h"
+
+namespace mhpo {
+
+// Finish-only ratio-control id: GSPO's clip of the sequence log-ratio
+// (clamped at max = 10, no lower clamp). Ids 0..3 are the kernel modes.
+constexpr int MODE_GSPO = 4;
+constexpr float kGspoLogRatioLimit = 10.0f;
+
+enum Agg : int { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_SEQ_SUM_NORM = 3 };
+
+// metrics[] slots (means over active tokens; ratio_* = exp of the extreme log-ratio).
+enum Metric : int {
+  MET_KL_OLD = 0, MET_RATIO_MAX, MET_RATIO_MIN, MET_PSI, MET_ZETA, MET_SURVIVAL, MET_LOW_SURVIVAL,
+  MET_CLIP_LOW, MET_CLIP_HIGH, MET_CLIP, MET_DUAL_CLIP, MET_ENTROPY, MET_KL_REF, kNumMetrics
+};
+
+// bad[] = (kind, position): what the host raises about after the launch.
+enum BadKind : int { BAD_NONE = 0, BAD_TARGET = 1, BAD_CU_SEQLENS = 2 };
+
+// Sums over active tokens (ACC_* index s[]), plus the loss, the active count and the extremes.
+enum AccSlot : int {
+  ACC_NEG_DELTA = 0, ACC_PSI, ACC_ZETA, ACC_SURVIVAL, ACC_LOW_SURVIVAL, ACC_CLIP_LOW, ACC_CLIP_HIGH,
+  ACC_DUAL_CLIP, ACC_ENTROPY, ACC_KL_REF, kNumAcc
+};
+
+struct FinishAcc {
+  float loss, n, dmax, dmin;
+  float s[kNumAcc];
+};
+
+MHPO_HD FinishAcc finish_acc_empty() {
+  FinishAcc a;
+  a.loss = 0.0f, a.n = 0.0f, a.dmax = -INFINITY, a.dmin = INFINITY;
+  for (int i = 0; i < kNumAcc; ++i) a.s[i] = 0.0f;
+  return a;
+}
+
+// max / min that propagate NaN, as torch's reductions do.
+MHPO_HD float nan_max(float a, float b) { return (b > a || b != b) ? b : a; }
+MHPO_HD float nan_min(float a, float b) { return (b < a || b != b) ? b : a; }
+
+MHPO_HD void finish_acc_merge(FinishAcc& a, const FinishAcc& b) {
+  a.loss += b.loss;
+  a.n += b.n;
+  a.dmax = nan_max(a.dmax, b.dmax);
+  a.dmin = nan_min(a.dmin, b.dmin);
+  for (int i = 0; i < kNumAcc; ++i) a.s[i] += b.s[i];
+}
+
+// a / b with b == 0 read as 1 (an empty or fully masked batch gives 0, not NaN).
+MHPO_HD float safe_div_f(float a, float b) { return a / (b == 0.0f ? 1.0f : b); }
+
+// One active token. delta: its log-ratio (the sequence's for sequence-level
+// modes); logp: its own log-prob (for the KL); w: its aggregation weight.
+// Adds its loss w * L and its metric terms to acc; returns w * d L / d logp.
+MHPO_HD float finish_token(int mode, const float* p, float beta, float delta, float adv, float logp, bool has_ref,
+                           float ref, bool has_ent, float ent, float w, FinishAcc& acc) {
+  TokenOut o{0.0f, 0.0f};
+  acc.n += 1.0f;
+  acc.s[ACC_NEG_DELTA] -= delta;
+  acc.dmax = nan_max(acc.dmax, delta);
+  acc.dmin = nan_min(acc.dmin, delta);
+  if (mode == MODE_MHPO) {
+    float psi, zeta;
+    o = mhpo_token_parts(delta, adv, p, &psi, &zeta);
+    const float survival = expf(-zeta);
+    acc.s[ACC_PSI] += psi;
+    acc.s[ACC_ZETA] += zeta;
+    acc.s[ACC_SURVIVAL] += survival;
+    acc.s[ACC_LOW_SURVIVAL] += survival < 0.5f ? 1.0f : 0.0f;
+  } else if (mode == MODE_CLIP || mode == MODE_GSPO) {
+    const bool gspo = mode == MODE_GSPO;
+    const float lo = gspo ? -INFINITY : -kLogRatioLimit, hi = gspo ? kGspoLogRatioLimit : kLogRatioLimit;
+    float unclipped_loss;
+    o = clip_token_limits(delta, adv, p, lo, hi, &unclipped_loss);
+    const float r = expf(fminf(fmaxf(delta, lo), hi));
+    acc.s[ACC_CLIP_LOW] += (r < 1.0f - p[0] && adv < 0.0f) ? 1.0f : 0.0f;
+    acc.s[ACC_CLIP_HIGH] += (r > 1.0f + p[1] && adv > 0.0f) ? 1.0f : 0.0f;
+    acc.s[ACC_DUAL_CLIP] += (p[2] > 0.0f && adv < 0.0f && unclipped_loss > -p[2] * adv) ? 1.0f : 0.0f;
+  } else if (mode == MODE_SAPO) {
+    o = sapo_token(delta, adv, p);
+  }
+  if (has_ref) {
+    const float d = ref - logp;
+    const float em1 = expm1f(d);
+    acc.s[ACC_KL_REF] += em1 - d;
+    if (beta != 0.0f) {  // with beta = 0, ref only feeds the metric (0 * inf would be NaN)
+      o.loss += beta * (em1 - d);
+      o.coef -= beta * em1;
+    }
+  }
+  if (has_ent) acc.s[ACC_ENTROPY] += ent;
+  acc.loss += w * o.loss;
+  return w * o.coef;
+}
+
+// The metrics[] of a finished accumulator.
+MHPO_HD void finish_metrics(const FinishAcc& a, float* m) {
+  const float n = fmaxf(a.n, 1.0f);
+  const bool any = a.n > 0.0f;
+  m[MET_KL_OLD] = a.s[ACC_NEG_DELTA] / n;
+  m[MET_RATIO_MAX] = expf(any ? a.dmax : 0.0f);
+  m[MET_RATIO_MIN] = expf(any ? a.dmin : 0.0f);
+  m[MET_PSI] = a.s[ACC_PSI] / n;
+  m[MET_ZETA] = a.s[ACC_ZETA] / n;
+  m[MET_SURVIVAL] = a.s[ACC_SURVIVAL] / n;
+  m[MET_LOW_SURVIVAL] = a.s[ACC_LOW_SURVIVAL] / n;
+  m[MET_CLIP_LOW] = a.s[ACC_CLIP_LOW] / n;
+  m[MET_CLIP_HIGH] = a.s[ACC_CLIP_HIGH] / n;
+  m[MET_CLIP] = (a.s[ACC_CLIP_LOW] + a.s[ACC_CLIP_HIGH]) / n;
+  m[MET_DUAL_CLIP] = a.s[ACC_DUAL_CLIP] / n;
+  m[MET_ENTROPY] = a.s[ACC_ENTROPY] / n;
+  m[MET_KL_REF] = a.s[ACC_KL_REF] / n;
+}
+
+// The per-sequence factor a_s of the weights w_n = m_n * a_s (safe_div as in
+// mhpo_kernels/_inputs.py). count: the sequence's mask sum; total: the batch's;
+// n_seq: sequences with count != 0; norm: B*T (padded) or S*T_max (packed).
+MHPO_HD float finish_weight(int agg, float m, float count, float total, float n_seq, float norm) {
+  switch (agg) {
+    case AGG_TOKEN_MEAN: return safe_div_f(m, total);
+    case AGG_SEQ_MEAN_TOKEN_MEAN: return safe_div_f(safe_div_f(m, count), n_seq);
+    case AGG_SEQ_MEAN_TOKEN_SUM: return safe_div_f(m, n_seq);
+    default: return safe_div_f(m, norm);
+  }
+}
+
+// Everything a finish launch reads and writes (plain pointers: CPU or device).
+struct FinishArgs {
+  const float *logp, *entropy, *old, *adv, *mask, *ref;  // entropy / mask / ref may be null (mask null = ones)
+  const int64_t* target;
+  const void* cu;  // packed offsets [S+1] or null (padded: S sequences of T tokens)
+  bool cu_is_int64;
+  int64_t N, S, T;
+  int32_t mode;
+  float params[kNumParams];
+  float beta;
+  bool seq_level;
+  int32_t agg;
+  int64_t ignore_index, num_classes;
+  bool check;  // scan for target ids outside [0, num_classes)
+  float *loss, *dlogp, *metrics;  // loss: 1 value; dlogp: [N]; metrics: [kNumMetrics]
+  int64_t* bad;  // [2]: (BadKind, position)
+};
+
+MHPO_HD int64_t finish_cu(const FinishArgs& a, int64_t s) {
+  if (a.cu == nullptr) return s * a.T;
+  return a.cu_is_int64 ? static_cast<const int64_t*>(a.cu)[s] : static_cast<const int32_t*>(a.cu)[s];
+}
+
+MHPO_HD float finish_mask(const FinishArgs& a, int64_t n) {
+  if (a.target[n] == a.ignore_index) return 0.0f;
+  return a.mask == nullptr ? 1.0f : a.mask[n];
+}
+
+// Packed offsets start at 0, never decrease and end at N (padded: always).
+// Serial; the CUDA kernel checks the same in parallel.
+MHPO_HD bool finish_layout_ok(const FinishArgs& a) {
+  if (a.cu == nullptr) return true;
+  if (finish_cu(a, 0) != 0 || finish_cu(a, a.S) != a.N) return false;
+  for (int64_t s = 0; s < a.S; ++s) {
+    if (finish_cu(a, s + 1) < finish_cu(a, s)) return false;
+  }
+  return true;
+}
+
+MHPO_HD bool finish_bad_target(const FinishArgs& a, int64_t n) {
+  const int64_t y = a.target[n];
+  return y != a.ignore_index && (y < 0 || y >= a.num_classes);
+}
+
+}  // namespace mhpo

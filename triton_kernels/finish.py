@@ -1,0 +1,287 @@
+"""The finishing kernel of the fused policy loss: everything O(N) after the pass
+over the logits, in one launch (the C++ / CUDA twin is ``csrc/mhpo_finish.h``).
+
+From the per-token log-probs (and entropy): the per-sequence sums, the ratio
+control's surrogate at each token's (or its sequence's) log-ratio, the
+aggregation weights, the loss, the per-token ``d loss / d logp`` that the
+backward kernel scales by the upstream gradient, every metric, and the first
+bad target id / bad ``cu_seqlens`` layout. One program: every reduction runs
+in a fixed order (block-wide vectors, then ``tl.sum``), so the results are
+deterministic. Layouts and ids: ``mhpo_kernels._finish``.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .epilogue import _sigmoid, mhpo_token_parts, sapo_token
+from .fused_logprob import _k3
+
+MODE_NONE, MODE_MHPO, MODE_CLIP, MODE_SAPO, MODE_GSPO = 0, 1, 2, 3, 4
+NUM_METRICS = 13
+FINISH_BLOCK = 256
+BAD_NONE, BAD_TARGET, BAD_CU_SEQLENS = 0, 1, 2
+
+
+@triton.jit
+def _clip_limits(delta, adv, eps_low, eps_high, dual_c, cap, LO: tl.constexpr, HI: tl.constexpr):
+    # verl's clip with the log-ratio clamped to [LO, HI]; also the loss before the dual-clip cap
+    r = tl.exp(tl.minimum(tl.maximum(delta, LO), HI))
+    dr = tl.where((delta >= LO) & (delta <= HI), r, 0.0)
+    capped = (cap > 0.0) & (r > cap)
+    r1 = tl.where(capped, cap, r)
+    dr1 = tl.where(capped, 0.0, dr)
+    r2 = tl.minimum(tl.maximum(r, 1.0 - eps_low), 1.0 + eps_high)
+    dr2 = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), dr, 0.0)
+    l1 = -r1 * adv
+    l2 = -r2 * adv
+    c1 = -dr1 * adv
+    c2 = -dr2 * adv
+    loss = tl.maximum(l1, l2)
+    coef = tl.where(l1 > l2, c1, tl.where(l1 < l2, c2, 0.5 * (c1 + c2)))
+    dcap = -dual_c * adv
+    dual = (dual_c > 0.0) & (adv < 0.0)
+    coef = tl.where(dual & (loss > dcap), 0.0, tl.where(dual & (loss == dcap), 0.5 * coef, coef))
+    return tl.where(dual, tl.minimum(loss, dcap), loss), coef, loss, r
+
+
+@triton.jit
+def _cu(cu_ptr, s, seq_len, HAS_CU: tl.constexpr):
+    if HAS_CU:
+        return tl.load(cu_ptr + s).to(tl.int32)
+    else:
+        return seq_len * s  # <= N < 2^31
+
+
+@triton.jit
+def _mask(target_ptr, mask_ptr, offs, inb, ignore_index, HAS_MASK: tl.constexpr):
+    y = tl.load(target_ptr + offs, mask=inb, other=ignore_index)
+    if HAS_MASK:
+        m = tl.load(mask_ptr + offs, mask=inb, other=0.0)
+    else:
+        m = tl.full(offs.shape, 1.0, tl.float32)
+    return tl.where(inb & (y != ignore_index), m, 0.0)
+
+
+@triton.jit(do_not_specialize=["N", "S", "seq_len"])
+def _finish_kernel(
+    logp_ptr, ent_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, target_ptr, cu_ptr,
+    loss_ptr, dlogp_ptr, metrics_ptr, bad_ptr,
+    N, S, seq_len, ignore_index, num_classes, beta,
+    p0, p1, p2, p3, p4, p5, p6,
+    MODE: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_CU: tl.constexpr, SEQ_LEVEL: tl.constexpr, AGG: tl.constexpr, CHECK: tl.constexpr,
+    BLOCK: tl.constexpr, CLIP_LIMIT: tl.constexpr, GSPO_LIMIT: tl.constexpr,
+):
+    offs0 = tl.arange(0, BLOCK)
+    # packed offsets: start at 0, end at N, never decrease (else nothing below reads them)
+    if HAS_CU:
+        # checked at the offsets' own width (int64 offsets beyond 2^31 are bad, not wrapped)
+        ends_ok = (tl.load(cu_ptr).to(tl.int64) == 0) & (tl.load(cu_ptr + S).to(tl.int64) == N)
+        dec = tl.zeros((BLOCK,), tl.int32)
+        for c0 in range(0, S, BLOCK):
+            co = c0 + offs0
+            inc = co < S
+            c_lo = tl.load(cu_ptr + co, mask=inc, other=0).to(tl.int64)
+            c_hi = tl.load(cu_ptr + co + 1, mask=inc, other=0).to(tl.int64)
+            dec = tl.maximum(dec, (inc & (c_hi < c_lo)).to(tl.int32))
+        layout_ok = ends_ok & (tl.max(dec, 0) == 0)
+        n_run = tl.where(layout_ok, N, 0)
+        s_run = tl.where(layout_ok, S, 0)
+    else:
+        layout_ok = N >= 0
+        n_run = N
+        s_run = S
+
+    first_bad = tl.zeros((), tl.int32) + N
+    if CHECK:
+        fb = tl.full((BLOCK,), N, tl.int32)
+        for n0 in range(0, n_run, BLOCK):
+            offs = n0 + offs0
+            inb = offs < N
+            y = tl.load(target_ptr + offs, mask=inb, other=ignore_index)
+            bad = inb & (y != ignore_index) & ((y < 0) | (y >= num_classes))
+            fb = tl.minimum(fb, tl.where(bad, offs.to(tl.int32), N))
+        first_bad = tl.min(fb, 0)
+
+    # pass 1: the batch-wide denominators
+    PER_SEQ_COUNT: tl.constexpr = (AGG == 1) | (AGG == 2)
+    total = tl.zeros((), tl.float32)
+    n_seq = tl.zeros((), tl.float32)
+    if PER_SEQ_COUNT:
+        for s in range(0, s_run):
+            b = _cu(cu_ptr, s, seq_len, HAS_CU)
+            e = _cu(cu_ptr, s + 1, seq_len, HAS_CU)
+            c = tl.zeros((BLOCK,), tl.float32)
+            for n0 in range(b, e, BLOCK):
+                offs = n0 + offs0
+                c += _mask(target_ptr, mask_ptr, offs, offs < e, ignore_index, HAS_MASK)
+            cs = tl.sum(c, 0)
+            total += cs
+            n_seq += tl.where(cs != 0.0, 1.0, 0.0)
+    else:
+        c = tl.zeros((BLOCK,), tl.float32)
+        for n0 in range(0, n_run, BLOCK):
+            offs = n0 + offs0
+            c += _mask(target_ptr, mask_ptr, offs, offs < N, ignore_index, HAS_MASK)
+        total = tl.sum(c, 0)
+    if HAS_CU:
+        tm = tl.zeros((BLOCK,), tl.int32)
+        for s0 in range(0, s_run, BLOCK):
+            so = s0 + offs0
+            ins = so < S
+            a = tl.load(cu_ptr + so, mask=ins, other=0).to(tl.int32)
+            b = tl.load(cu_ptr + so + 1, mask=ins, other=0).to(tl.int32)
+            tm = tl.maximum(tm, b - a)
+        norm = tl.max(tm, 0).to(tl.float32) * (S * 1.0)
+    else:
+        norm = tl.maximum(N * 1.0, 1.0)
+
+    # pass 2: each token (per sequence when its weight or log-ratio needs the sequence's sums)
+    PER_SEQ: tl.constexpr = SEQ_LEVEL | (AGG == 1)
+    a_loss = tl.zeros((BLOCK,), tl.float32)
+    a_n = tl.zeros((BLOCK,), tl.float32)
+    a_nd = tl.zeros((BLOCK,), tl.float32)
+    a_max = tl.full((BLOCK,), float("-inf"), tl.float32)
+    a_min = tl.full((BLOCK,), float("inf"), tl.float32)
+    a_psi = tl.zeros((BLOCK,), tl.float32)
+    a_zeta = tl.zeros((BLOCK,), tl.float32)
+    a_surv = tl.zeros((BLOCK,), tl.float32)
+    a_low = tl.zeros((BLOCK,), tl.float32)
+    a_clo = tl.zeros((BLOCK,), tl.float32)
+    a_chi = tl.zeros((BLOCK,), tl.float32)
+    a_dual = tl.zeros((BLOCK,), tl.float32)
+    a_ent = tl.zeros((BLOCK,), tl.float32)
+    a_kl = tl.zeros((BLOCK,), tl.float32)
+    if PER_SEQ:
+        n_outer = s_run
+    else:
+        n_outer = tl.minimum(n_run, 1)  # one flat sweep over the N tokens
+    for s in range(0, n_outer):
+        if PER_SEQ:
+            b = _cu(cu_ptr, s, seq_len, HAS_CU)
+            e = _cu(cu_ptr, s + 1, seq_len, HAS_CU)
+            c = tl.zeros((BLOCK,), tl.float32)
+            sd = tl.zeros((BLOCK,), tl.float32)
+            for n0 in range(b, e, BLOCK):
+                offs = n0 + offs0
+                inb = offs < e
+                m = _mask(target_ptr, mask_ptr, offs, inb, ignore_index, HAS_MASK)
+                c += m
+                if SEQ_LEVEL:
+                    act = m != 0.0
+                    lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
+                    od = tl.load(old_ptr + offs, mask=act, other=0.0)
+                    sd += tl.where(act, m * (lp - od), 0.0)
+            count = tl.sum(c, 0)
+            seq_delta = tl.sum(sd, 0) / tl.where(count == 0.0, 1.0, count)
+        else:
+            b = 0
+            e = N
+            count = tl.zeros((), tl.float32)
+            seq_delta = tl.zeros((), tl.float32)
+        for n0 in range(b, e, BLOCK):
+            offs = n0 + offs0
+            inb = offs < e
+            m = _mask(target_ptr, mask_ptr, offs, inb, ignore_index, HAS_MASK)
+            act = m != 0.0  # old / adv / ref are read only on active rows
+            lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
+            if SEQ_LEVEL:
+                delta = tl.where(act, seq_delta, 0.0)
+            else:
+                delta = tl.where(act, lp - tl.load(old_ptr + offs, mask=act, other=0.0), 0.0)
+            adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
+            if AGG == 0:
+                w = m / tl.where(total == 0.0, 1.0, total)
+            elif AGG == 1:
+                w = (m / tl.where(count == 0.0, 1.0, count)) / tl.where(n_seq == 0.0, 1.0, n_seq)
+            elif AGG == 2:
+                w = m / tl.where(n_seq == 0.0, 1.0, n_seq)
+            else:
+                w = m / tl.where(norm == 0.0, 1.0, norm)
+            if MODE == 1:
+                loss, coef, psi, zeta = mhpo_token_parts(delta, adv, p0, p1, p2, p3, p4, p5, p6)
+                surv = tl.exp(-zeta)
+                a_psi += tl.where(act, psi, 0.0)
+                a_zeta += tl.where(act, zeta, 0.0)
+                a_surv += tl.where(act, surv, 0.0)
+                a_low += tl.where(act & (surv < 0.5), 1.0, 0.0)
+            elif MODE == 2 or MODE == 4:
+                if MODE == 2:
+                    loss, coef, pre, r = _clip_limits(delta, adv, p0, p1, p2, p3, -CLIP_LIMIT, CLIP_LIMIT)
+                else:
+                    loss, coef, pre, r = _clip_limits(delta, adv, p0, p1, p2, p3, float("-inf"), GSPO_LIMIT)
+                a_clo += tl.where(act & (r < 1.0 - p0) & (adv < 0.0), 1.0, 0.0)
+                a_chi += tl.where(act & (r > 1.0 + p1) & (adv > 0.0), 1.0, 0.0)
+                a_dual += tl.where(act & (p2 > 0.0) & (adv < 0.0) & (pre > -p2 * adv), 1.0, 0.0)
+            elif MODE == 3:
+                loss, coef = sapo_token(delta, adv, p0, p1, CLIP_LIMIT)
+            else:
+                loss = tl.zeros((BLOCK,), tl.float32)
+                coef = tl.zeros((BLOCK,), tl.float32)
+            loss = loss.to(tl.float32)
+            coef = coef.to(tl.float32)
+            if HAS_REF:
+                d = tl.where(act, tl.load(ref_ptr + offs, mask=act, other=0.0) - lp, 0.0)
+                ed = tl.exp(d)
+                kl = _k3(d, ed)
+                a_kl += tl.where(act, kl, 0.0)
+                if beta != 0.0:  # with beta = 0, ref only feeds the metric
+                    loss += beta * kl
+                    coef += beta * (1.0 - ed)
+            if HAS_ENT:
+                a_ent += tl.where(act, tl.load(ent_ptr + offs, mask=act, other=0.0), 0.0)
+            a_n += tl.where(act, 1.0, 0.0)
+            a_nd -= delta
+            a_max = tl.where(act & ((delta > a_max) | (delta != delta)), delta, a_max)
+            a_min = tl.where(act & ((delta < a_min) | (delta != delta)), delta, a_min)
+            a_loss += tl.where(act, w * loss, 0.0)
+            tl.store(dlogp_ptr + offs, tl.where(act, w * coef, 0.0), mask=inb)
+    for n0 in range(0, N - n_run, BLOCK):  # a bad layout: d loss / d logp is all 0
+        offs = n0 + offs0
+        tl.store(dlogp_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < N)
+
+    n_act = tl.sum(a_n, 0)
+    n = tl.maximum(n_act, 1.0)
+    dmax = tl.max(a_max, 0)
+    dmin = tl.min(a_min, 0)
+    tl.store(loss_ptr, tl.sum(a_loss, 0))
+    tl.store(metrics_ptr + 0, tl.sum(a_nd, 0) / n)
+    tl.store(metrics_ptr + 1, tl.exp(tl.where(n_act > 0.0, dmax, 0.0)))
+    tl.store(metrics_ptr + 2, tl.exp(tl.where(n_act > 0.0, dmin, 0.0)))
+    tl.store(metrics_ptr + 3, tl.sum(a_psi, 0) / n)
+    tl.store(metrics_ptr + 4, tl.sum(a_zeta, 0) / n)
+    tl.store(metrics_ptr + 5, tl.sum(a_surv, 0) / n)
+    tl.store(metrics_ptr + 6, tl.sum(a_low, 0) / n)
+    clo = tl.sum(a_clo, 0)
+    chi = tl.sum(a_chi, 0)
+    tl.store(metrics_ptr + 7, clo / n)
+    tl.store(metrics_ptr + 8, chi / n)
+    tl.store(metrics_ptr + 9, (clo + chi) / n)
+    tl.store(metrics_ptr + 10, tl.sum(a_dual, 0) / n)
+    tl.store(metrics_ptr + 11, tl.sum(a_ent, 0) / n)
+    tl.store(metrics_ptr + 12, tl.sum(a_kl, 0) / n)
+    kind = tl.where(layout_ok, tl.where(first_bad < N, 1, 0), 2)
+    tl.store(bad_ptr, kind.to(tl.int64))
+    tl.store(bad_ptr + 1, tl.where(kind == 1, first_bad, -1).to(tl.int64))
+
+
+def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
+           seq_level, agg, ignore_index, num_classes, check):
+    """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64); contract: ``mhpo_kernels.backends``."""
+    N = logp.shape[0]
+    dev = logp.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    loss, dlogp, metrics = torch.empty((), **f32), torch.empty(N, **f32), torch.empty(NUM_METRICS, **f32)
+    bad = torch.empty(2, device=dev, dtype=torch.int64)
+    S = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else int(num_seqs)
+    _finish_kernel[(1,)](
+        logp, entropy if entropy is not None else logp, old, adv, mask if mask is not None else old,
+        ref if ref is not None else old, target, cu_seqlens if cu_seqlens is not None else target,
+        loss, dlogp, metrics, bad,
+        N, S, int(seq_len), int(ignore_index), int(num_classes), float(beta),
+        *[float(p) for p in params[:7]],
+        MODE=int(mode), HAS_ENT=entropy is not None, HAS_MASK=mask is not None, HAS_REF=ref is not None,
+        HAS_CU=cu_seqlens is not None, SEQ_LEVEL=bool(seq_level), AGG=int(agg), CHECK=bool(check),
+        BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0, num_warps=4,
+    )
+    return loss, dlogp, metrics, bad
