@@ -37,14 +37,14 @@ def configs():
         yield "bwd", dt, dict(HAS_DENT=False, HAS_SCALE=True, BLOCK_V=top), num_warps(top)
     # the finishing kernel: every ratio control with everything on (packed, sequence-level) and with
     # everything off; every aggregation mode padded and packed (the "dtype" is that of cu_seqlens)
-    from .finish import FINISH_BLOCK
+    from .finish import FINISH_BLOCK, FINISH_WARPS
 
     fin = {(m, 1, "i64", True, True) for m in range(5)} | {(m, 0, None, False, False) for m in range(5)}
     fin |= {(1, agg, cu, False, True) for agg in range(4) for cu in ("i32", None)}
     for mode, agg, cu, seq, opts in sorted(fin, key=str):
         yield "finish", cu or "i32", dict(
             MODE=mode, HAS_ENT=opts, HAS_MASK=opts, HAS_REF=opts, HAS_CU=cu is not None, SEQ_LEVEL=seq, AGG=agg,
-            CHECK=opts, BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0), 4
+            CHECK=opts, BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0), FINISH_WARPS
 
 
 def _signature(fn, dtype, constexprs):

@@ -18,7 +18,8 @@ from .fused_logprob import _k3
 
 MODE_NONE, MODE_MHPO, MODE_CLIP, MODE_SAPO, MODE_GSPO = 0, 1, 2, 3, 4
 NUM_METRICS = 13
-FINISH_BLOCK = 256
+FINISH_BLOCK = 128  # one warp, 4 tokens per thread: no stack frame in any shipped configuration
+FINISH_WARPS = 1
 BAD_NONE, BAD_TARGET, BAD_CU_SEQLENS = 0, 1, 2
 
 
@@ -191,13 +192,13 @@ def _finish_kernel(
                 delta = tl.where(act, lp - tl.load(old_ptr + offs, mask=act, other=0.0), 0.0)
             adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
             if AGG == 0:
-                w = m / tl.where(total == 0.0, 1.0, total)
+                w = m * (1.0 / tl.where(total == 0.0, 1.0, total))
             elif AGG == 1:
-                w = (m / tl.where(count == 0.0, 1.0, count)) / tl.where(n_seq == 0.0, 1.0, n_seq)
+                w = m * (1.0 / tl.where(count == 0.0, 1.0, count)) * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
             elif AGG == 2:
-                w = m / tl.where(n_seq == 0.0, 1.0, n_seq)
+                w = m * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
             else:
-                w = m / tl.where(norm == 0.0, 1.0, norm)
+                w = m * (1.0 / tl.where(norm == 0.0, 1.0, norm))
             if MODE == 1:
                 loss, coef, psi, zeta = mhpo_token_parts(delta, adv, p0, p1, p2, p3, p4, p5, p6)
                 surv = tl.exp(-zeta)
@@ -282,6 +283,6 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
         *[float(p) for p in params[:7]],
         MODE=int(mode), HAS_ENT=entropy is not None, HAS_MASK=mask is not None, HAS_REF=ref is not None,
         HAS_CU=cu_seqlens is not None, SEQ_LEVEL=bool(seq_level), AGG=int(agg), CHECK=bool(check),
-        BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0, num_warps=4,
+        BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0, num_warps=FINISH_WARPS,
     )
     return loss, dlogp, metrics, bad
