@@ -6,13 +6,13 @@ import mhpo_kernels as mk
 from mhpo_kernels import _ops, backends
 
 from conftest import DEVICE, TOL, assert_close, assert_compiled_matches_eager
-from util import make_case
+from util import device_for, fused_backends, make_case
 
-FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+FUSED = fused_backends()  # each on its own device (the cpu backend on CPU tensors on a GPU machine too)
 
 
-def args(V=11, shape=(2, 5), dtype=torch.float32):
-    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=0, device=DEVICE, ref=True)
+def args(backend, V=11, shape=(2, 5), dtype=torch.float32):
+    logits, ids, old, adv, mask, ref = make_case(shape, V, dtype, seed=0, backend=backend, ref=True)
     return dict(logits=logits, target_ids=ids, old_logprobs=old, advantages=adv, mask=mask), ref
 
 
@@ -36,7 +36,7 @@ BAD = {
     "ids_shape": (lambda a: a.update(target_ids=a["target_ids"][:, :4]), ValueError, "target_ids has shape"),
     "old_shape": (lambda a: a.update(old_logprobs=a["old_logprobs"].reshape(-1)), ValueError, "old_logprobs has shape"),
     "old_int": (lambda a: a.update(old_logprobs=a["old_logprobs"].long()), TypeError, "old_logprobs must have a float"),
-    "adv_shape": (lambda a: a.update(advantages=torch.zeros(3, device=DEVICE)), ValueError, "advantages has shape"),
+    "adv_shape": (lambda a: a.update(advantages=torch.zeros(3, device=a["logits"].device)), ValueError, "advantages has shape"),
     "mask_shape": (lambda a: a.update(mask=a["mask"][:1]), ValueError, "mask has shape"),
     "not_tensor": (lambda a: a.update(old_logprobs=[0.0] * 10), TypeError, "old_logprobs must be a torch.Tensor"),
 }
@@ -54,7 +54,7 @@ KW_BAD = {
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_inputs(backend, case, no_launch):
-    a, _ = args()
+    a, _ = args(backend)
     edit, exc, msg = BAD[case]
     edit(a)
     with pytest.raises(exc, match=msg):
@@ -64,7 +64,7 @@ def test_bad_inputs(backend, case, no_launch):
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("case", list(BAD_IDS), ids=list(BAD_IDS))
 def test_bad_ids(backend, case):
-    a, _ = args()
+    a, _ = args(backend)
     edit, exc, msg = BAD_IDS[case]
     edit(a)
     logits = a.pop("logits").requires_grad_()
@@ -79,7 +79,7 @@ def test_bad_ids(backend, case):
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 @pytest.mark.parametrize("case", list(KW_BAD), ids=list(KW_BAD))
 def test_bad_keywords(backend, case, no_launch):
-    a, _ = args()
+    a, _ = args(backend)
     kw, exc, msg = KW_BAD[case]
     with pytest.raises(exc, match=msg):
         mk.mhpo_loss(**a, **{"backend": backend, **kw})
@@ -107,13 +107,13 @@ def test_backend_resolution(monkeypatch):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_float64_needs_reference(backend):
-    a, _ = args(dtype=torch.float64)
+    a, _ = args(backend, dtype=torch.float64)
     with pytest.raises(TypeError, match="use backend='torch' for float64"):
         mk.mhpo_loss(**a, backend=backend)
 
 
 def test_advantages_per_sequence_broadcast():
-    a, _ = args()
+    a, _ = args("torch")
     per_seq = torch.tensor([0.5, -1.5], device=DEVICE)
     full = mk.mhpo_loss(**{**a, "advantages": per_seq[:, None].expand(2, 5)}, backend="torch")
     bcast = mk.mhpo_loss(**{**a, "advantages": per_seq}, backend="torch")
@@ -128,7 +128,7 @@ def no_poison():
 @pytest.mark.parametrize("backend", FUSED + ["auto"])
 def test_compile_fullgraph_matches_eager(backend, no_poison):
     torch._dynamo.reset()
-    a, ref = args(V=37, shape=(3, 7))
+    a, ref = args(backend, V=37, shape=(3, 7))
     logits = a.pop("logits")
 
     def f(z):
@@ -145,7 +145,7 @@ def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):
     """Under torch.compile inplace_backward is ignored: the graph compiles with the logits a
     leaf or an activation, the gradient is right, and the logits still hold their values."""
     torch._dynamo.reset()
-    a, _ = args(V=37, shape=(3, 7))
+    a, _ = args(backend, V=37, shape=(3, 7))
     logits = a.pop("logits")
     want = logits.clone().requires_grad_()
     mk.mhpo_loss(want, **a, backend="torch").loss.backward()
@@ -165,15 +165,15 @@ def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 def test_opcheck(backend, packed, no_poison):
-    logits, ids, old, adv, mask, ref = make_case((9,), 23, torch.float32, seed=1, device=DEVICE)
+    logits, ids, old, adv, mask, ref = make_case((9,), 23, torch.float32, seed=1, backend=backend)
     cfg = mk.MHPOConfig()
     logits.requires_grad_()
-    cu = torch.tensor([0, 4, 9], device=DEVICE) if packed else None
+    cu = torch.tensor([0, 4, 9], device=logits.device) if packed else None
     fwd_args = (logits, ids, old, adv, mask, ref, cu, 1, 9, cfg.kernel_mode, list(cfg.kernel_params()), 0.1,
                 packed, 1, 0.9, -100, True, True, False, backend)
     torch.library.opcheck(_ops.policy_fwd, fwd_args)
     loss, logp, ent, lse, dlogp, metrics = (t.detach() for t in _ops.policy_fwd(*fwd_args))
-    bwd_args = (logits.detach(), ids, lse, ent, dlogp, torch.rand((), device=DEVICE), torch.randn(9, device=DEVICE),
+    bwd_args = (logits.detach(), ids, lse, ent, dlogp, torch.rand((), device=logits.device), torch.randn(9, device=logits.device),
                 0.9, -100, backend)
     torch.library.opcheck(_ops.policy_bwd, bwd_args)
     torch.library.opcheck(_ops.policy_bwd_, (logits.detach().clone(),) + bwd_args[1:])
@@ -182,7 +182,7 @@ def test_opcheck(backend, packed, no_poison):
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
 def test_ref_without_beta_only_feeds_the_metric(backend):
     """beta = 0 with ref_logprobs: kl_ref is logged, the loss ignores ref (0 * inf would be NaN)."""
-    a, ref = args()
+    a, ref = args(backend)
     far = ref + 200.0  # exp(ref - logp) overflows fp32
     z = a.pop("logits").clone().requires_grad_()
     out = mk.mhpo_loss(z, **a, ref_logprobs=far, beta=0.0, backend=backend)
@@ -195,8 +195,8 @@ def test_ref_without_beta_only_feeds_the_metric(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_inplace_backward_refuses_overlapping_rows(backend):
-    a, _ = args(V=11, shape=(4,))
-    a["logits"] = torch.randn(11, device=DEVICE).expand(4, 11)  # every row is the same memory
+    a, _ = args(backend, V=11, shape=(4,))
+    a["logits"] = torch.randn(11, device=device_for(backend)).expand(4, 11)  # every row is the same memory
     with pytest.raises(ValueError, match="rows do not overlap"):
         mk.mhpo_loss(**a, backend=backend, inplace_backward=True)
 

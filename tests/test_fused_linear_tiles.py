@@ -15,15 +15,17 @@ from mhpo_kernels import fused_linear
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 from mhpo_kernels.fused_linear import default_chunk_sizes
 
-from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
+from conftest import SCALAR_TOL, TOL, assert_close
+from util import device_for, fused_backends
 
-FUSED = [b for b in mk.available_backends(DEVICE) if b != "torch"]
+FUSED = fused_backends()  # each on its own device
 H, V = 24, 257
 CU = [0, 9, 9, 22, 37]  # four packed sequences, one empty
 
 
-def make_case(N, dtype, *, seed, ref_head=False, bias=True, shape=None):
-    """hidden, weight, bias, ids, old, adv, mask, ref-head (hidden, weight, bias) or None; float64 truth in old."""
+def make_case(N, dtype, *, backend, seed, ref_head=False, bias=True, shape=None):
+    """hidden, weight, bias, ids, old, adv, mask, ref-head (hidden, weight, bias) or None, on the backend's device."""
+    dev = device_for(backend)
     g = torch.Generator().manual_seed(seed)
     shape = shape or (N,)
     hidden = torch.randn(*shape, H, generator=g)
@@ -43,8 +45,8 @@ def make_case(N, dtype, *, seed, ref_head=False, bias=True, shape=None):
         Hr = H + 8
         head = (torch.randn(*shape, Hr, generator=g), torch.randn(V, Hr, generator=g) * 0.5,
                 torch.randn(V, generator=g) * 0.5)
-    cast = lambda t: None if t is None else t.to(DEVICE, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-    fixed = lambda t: t.to(DEVICE)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dev, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
+    fixed = lambda t: t.to(dev)  # noqa: E731
     return (cast(hidden), cast(weight), cast(b), fixed(ids), fixed(old), fixed(adv), fixed(mask),
             None if head is None else tuple(cast(t) for t in head))
 
@@ -155,10 +157,10 @@ def test_sequence_level(backend, ctrl, layout, dtype):
               importance_sampling_level="sequence", loss_agg_mode=LOSS_AGG_MODES[i % 4],
               temperature=(1.0, 0.7)[i % 2], chunk_size=(37, 8)[i % 2], vocab_chunk_size=(64, 100)[i % 2])
     if layout == "packed":
-        case = make_case(37, dt, seed=i)
-        kw["cu_seqlens"] = torch.tensor(CU, device=DEVICE)
+        case = make_case(37, dt, backend=backend, seed=i)
+        kw["cu_seqlens"] = torch.tensor(CU, device=device_for(backend))
     else:
-        case = make_case(None, dt, seed=i, shape=(3, 13))
+        case = make_case(None, dt, backend=backend, seed=i, shape=(3, 13))
     out, _ = check(backend, case, dt, upstream_seed=i, return_entropy=bool(i % 2), **kw)
     assert out.logprobs.shape == case[3].shape
 
@@ -169,11 +171,11 @@ def test_sequence_level(backend, ctrl, layout, dtype):
 def test_reference_head(backend, level, dtype):
     """ref_hidden / ref_weight / ref_bias: the KL's reference log-probs from the same tile loop, with gradients."""
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    case = make_case(37, dt, seed=21, ref_head=True)
+    case = make_case(37, dt, backend=backend, seed=21, ref_head=True)
     ctrl = mk.ClipConfig(0.2, 0.28) if level == "token" else mk.MHPOConfig()
     out, grads = check(backend, case, dt, ratio_control=ctrl, importance_sampling_level=level, beta=0.1,
                        loss_agg_mode="seq-mean-token-mean", chunk_size=10, vocab_chunk_size=70,
-                       cu_seqlens=torch.tensor(CU, device=DEVICE), temperature=0.8)
+                       cu_seqlens=torch.tensor(CU, device=device_for(backend)), temperature=0.8)
     assert all(g is not None and g.abs().max() > 0 for g in grads)
     assert "kl_ref" in out.metrics
 
@@ -181,7 +183,8 @@ def test_reference_head(backend, level, dtype):
 @pytest.mark.parametrize("backend", FUSED)
 def test_reference_head_shared_parts(backend):
     """A missing ref_hidden / ref_weight is the policy's own, used detached: only the policy path gets gradient."""
-    hidden, weight, bias, ids, old, adv, mask, (rh, rw, rb) = make_case(37, torch.float32, seed=4, ref_head=True)
+    hidden, weight, bias, ids, old, adv, mask, (rh, rw, rb) = make_case(37, torch.float32, backend=backend, seed=4,
+                                                                        ref_head=True)
     rw = rw[:, :H].contiguous()
     kw = dict(beta=0.2, loss_agg_mode="token-mean", vocab_chunk_size=50)
     h, w, r = hidden.clone().requires_grad_(), weight.clone().requires_grad_(), rw.clone().requires_grad_()
@@ -214,13 +217,13 @@ def test_reference_head_shared_parts(backend):
 TILINGS = [(1, 1), (5, 16), (37, 257), (36, 256), (8, 300), (100, 7), (None, 64), (4, None)]
 # every tile is a launch: thousands of them take minutes under Triton's interpreter
 TILE_CASES = [(b, r, c) for b in FUSED for r, c in TILINGS
-              if not (b == "triton" and DEVICE.type == "cpu" and -(-37 // (r or 37)) * -(-257 // (c or 257)) > 10)]
+              if not (b == "triton" and device_for(b).type == "cpu" and -(-37 // (r or 37)) * -(-257 // (c or 257)) > 10)]
 
 
 @pytest.mark.parametrize("backend,rows,cols", TILE_CASES, ids=[f"{b}-{r}x{c}" for b, r, c in TILE_CASES])
 def test_tilings_agree(backend, rows, cols):
     """Any tiling (token rows x vocabulary rows, ragged edges included) gives the untiled result."""
-    case = make_case(37, torch.float32, seed=9, bias=True)
+    case = make_case(37, torch.float32, backend=backend, seed=9, bias=True)
     kw = dict(loss_agg_mode="seq-mean-token-sum", temperature=0.9)
     out, grads = run(case, fused=True, backend=backend, chunk_size=rows, vocab_chunk_size=cols, **kw)
     want, want_grads = run(case, fused=False, backend="torch", to=torch.float64, **kw)
@@ -357,7 +360,7 @@ def test_default_chunk_sizes():
 @pytest.mark.parametrize("backend", FUSED)
 def test_second_backward_recomputes(backend):
     """The forward keeps no gradient: a retained graph backpropagates twice to the same gradients."""
-    hidden, weight, bias, ids, old, adv, mask, _ = make_case(5, torch.float32, seed=3)
+    hidden, weight, bias, ids, old, adv, mask, _ = make_case(5, torch.float32, backend=backend, seed=3)
     h = hidden.clone().requires_grad_()
     out = mk.fused_linear_mhpo_loss(h, weight, ids, old, adv, mask, backend=backend, chunk_size=2,
                                     vocab_chunk_size=100)
@@ -370,27 +373,28 @@ def test_second_backward_recomputes(backend):
 
 @pytest.mark.parametrize("backend", FUSED)
 def test_bad_inputs_raise_before_any_launch(backend, no_launch):
-    h, w = torch.randn(4, 8, device=DEVICE), torch.randn(11, 8, device=DEVICE)
-    ids, z = torch.zeros(4, dtype=torch.long, device=DEVICE), torch.zeros(4, device=DEVICE)
+    dev = device_for(backend)
+    h, w = torch.randn(4, 8, device=dev), torch.randn(11, 8, device=dev)
+    ids, z = torch.zeros(4, dtype=torch.long, device=dev), torch.zeros(4, device=dev)
     f = mk.fused_linear_mhpo_loss
     with pytest.raises(ValueError, match="cu_seqlens needs packed"):
-        f(h[None], w, ids[None], z[None], z[None], ratio_control=mk.GSPOConfig(), cu_seqlens=torch.tensor([0, 4]),
-          backend=backend)
+        f(h[None], w, ids[None], z[None], z[None], ratio_control=mk.GSPOConfig(),
+          cu_seqlens=torch.tensor([0, 4], device=dev), backend=backend)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        f(h, w, ids, z, z, cu_seqlens=torch.tensor([0, 3], device=DEVICE), backend=backend)
+        f(h, w, ids, z, z, cu_seqlens=torch.tensor([0, 3], device=dev), backend=backend)
     with pytest.raises(ValueError, match="GSPOConfig is sequence-level"):
         f(h, w, ids, z, z, ratio_control=mk.GSPOConfig(), importance_sampling_level="token", backend=backend)
     with pytest.raises(ValueError, match="not both"):
         f(h, w, ids, z, z, ref_weight=w, ref_logprobs=z, backend=backend)
     with pytest.raises(ValueError, match="ref_weight must be"):
-        f(h, w, ids, z, z, ref_weight=torch.randn(11, 7, device=DEVICE), backend=backend)
+        f(h, w, ids, z, z, ref_weight=torch.randn(11, 7, device=dev), backend=backend)
     with pytest.raises(ValueError, match="policy's V"):
-        f(h, w, ids, z, z, ref_weight=torch.randn(10, 8, device=DEVICE), backend=backend)
+        f(h, w, ids, z, z, ref_weight=torch.randn(10, 8, device=dev), backend=backend)
     with pytest.raises(ValueError, match="ref_hidden must be"):
-        f(h, w, ids, z, z, ref_hidden=torch.randn(5, 8, device=DEVICE), backend=backend)
+        f(h, w, ids, z, z, ref_hidden=torch.randn(5, 8, device=dev), backend=backend)
     with pytest.raises(ValueError, match="ref_bias needs"):
-        f(h, w, ids, z, z, ref_bias=torch.zeros(11, device=DEVICE), backend=backend)
+        f(h, w, ids, z, z, ref_bias=torch.zeros(11, device=dev), backend=backend)
     with pytest.raises(ValueError, match="vocab_chunk_size"):
         f(h, w, ids, z, z, vocab_chunk_size=2.5, backend=backend)
     with pytest.raises(ValueError, match=r"target_ids\[2\]"):
-        f(h, w, torch.tensor([0, 1, 11, 2], device=DEVICE), z, z, backend=backend)
+        f(h, w, torch.tensor([0, 1, 11, 2], device=dev), z, z, backend=backend)
