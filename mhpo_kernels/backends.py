@@ -204,3 +204,11 @@ def get(name: str):
     if mod is None:
         raise RuntimeError(f"backend {name!r} is not available")
     return mod
+
+
+# The native extensions load when the package is imported (a few milliseconds): loading them
+# the first time inside a torch.compile trace would need importlib, which Dynamo cannot trace,
+# so a fullgraph compile of the very first call would fail. Triton's kernels stay lazy (its
+# import is heavier and traces fine).
+for _name in ("cpu", "cuda"):
+    _load(_name)
