@@ -143,15 +143,16 @@ def test_compile_fullgraph_matches_eager(backend, no_poison):
     assert_compiled_matches_eager(f, logits)
 
 
-@pytest.mark.parametrize("backend", ["auto"] + [b for b in mk.available_backends("cpu") if b != "torch"])
-def test_compile_first_call_in_a_fresh_process(backend):
+# "name", not "backend": the work runs in a subprocess, where the in-process device audit sees nothing
+@pytest.mark.parametrize("name", ["auto"] + [b for b in mk.available_backends("cpu") if b != "torch"])
+def test_compile_first_call_in_a_fresh_process(name):
     """torch.compile(fullgraph=True) of a process's very first mhpo_loss call: no backend may be
     loaded inside the trace (importlib is not traceable, so fullgraph would fail)."""
     code = textwrap.dedent(f"""
         import torch, mhpo_kernels as mk
         z = torch.randn(6, 11, requires_grad=True)
         ids, old, adv = torch.randint(0, 11, (6,)), torch.full((6,), -2.4), torch.randn(6)
-        f = torch.compile(lambda z: mk.mhpo_loss(z, ids, old, adv, backend={backend!r}).loss, fullgraph=True)
+        f = torch.compile(lambda z: mk.mhpo_loss(z, ids, old, adv, backend={name!r}).loss, fullgraph=True)
         f(z).backward()
         assert torch.isfinite(z.grad).all() and z.grad.abs().max() > 0
     """)
