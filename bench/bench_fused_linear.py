@@ -46,11 +46,6 @@ def parser():
     return p
 
 
-def missing_api():
-    if not hasattr(mk, "fused_linear_mhpo_loss"):
-        return "mk.fused_linear_mhpo_loss is not available yet (issue 5): only baselines and peers run"
-    return None
-
 
 def shapes(args):
     return [H.Shape(N, V, Hd) for Hd in args.H for V in args.V for N in args.N]
@@ -144,7 +139,6 @@ def _cce(device):
 def variants(args, shape):
     device = args.device
     out = [H.Variant(H.EAGER, "reference", _setup, _eager, note="hidden @ W.T, then mk.reference.mhpo_loss")]
-    fused_ok = hasattr(mk, "fused_linear_mhpo_loss")
     for b in H.wanted_backends(args, device):
         skip = H.interpreter_skip(b, device, shape.N * shape.V)
         if b not in mk.available_backends(device):
@@ -152,7 +146,7 @@ def variants(args, shape):
         out.append(H.Variant(f"unfused:{b}", "ours", _setup, _unfused(b), skip=skip,
                              note="hidden @ W.T, then mk.mhpo_loss"))
         out.append(H.Variant(f"fused:{b}", "ours", _setup, _fused(b, rows=args.chunk_size, cols=args.vocab_chunk_size),
-                             skip=skip or (None if fused_ok else "mk.fused_linear_mhpo_loss not available yet (issue 5)")))
+                             skip=skip))
     if "compile" in args.peers:
         out.append(H.Variant(H.COMPILED, "compiled", _setup, _compiled(), compiled=True,
                              note="torch.compile of the eager unfused path"))
@@ -162,7 +156,7 @@ def variants(args, shape):
                              note=f"LigerFusedLinearGRPOLoss bnpo, {LIGER_SEQ_LEN}-token sequences, 1 per chunk"))
         fused = [b for b in H.wanted_backends(args, device) if b in mk.available_backends(device)]
         best = next((b for b in ("cuda", "triton", "cpu") if b in fused), None)
-        if best is not None and fused_ok:
+        if best is not None:
             out.append(H.Variant(f"fused-clip:{best}", "ours", _setup, _fused(best, clip=True),
                                  skip=H.interpreter_skip(best, device, shape.N * shape.V),
                                  note="fused_linear_mhpo_loss(ratio_control=ClipConfig()), vs liger-fl-grpo"))
@@ -202,7 +196,7 @@ def goals(rows):
                              f"{r['peak_bytes'] / eager['peak_bytes']:.3f}x memory")
             backend = name.split(":")[-1]
             unfused = vs.get(f"unfused:{backend}")
-            if unfused and unfused["ms_p50"]:  # CPU goal (issue 13): time <= 1.0x, peak <= 0.1x eager
+            if unfused and unfused["ms_p50"]:  # CPU goal: time <= 1.0x, peak <= 0.1x eager
                 parts.append(f"vs unfused:{backend}: {r['ms_p50'] / unfused['ms_p50']:.2f}x time, "
                              f"{r['peak_bytes'] / max(unfused['peak_bytes'], 1):.3f}x memory")
             lines.append("; ".join(parts))

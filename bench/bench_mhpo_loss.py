@@ -19,7 +19,7 @@ import harness as H  # noqa: E402
 import torch  # noqa: E402
 
 import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 OP = "mhpo_loss"
 GOAL_COPY_FRAC, GOAL_VS_LIGER, GOAL_VS_COMPILED = 0.85, 1.2, 2.0
@@ -29,9 +29,6 @@ GOAL_SHAPE = (16384, 151936, "bf16")
 def parser():
     return H.base_parser(__doc__.splitlines()[0])
 
-
-def missing_api():
-    return None
 
 
 shapes, input_bytes, bytes_floor, flops = H.logits_shapes, H.logits_input_bytes, H.logits_bytes_floor, H.no_flops
@@ -115,8 +112,7 @@ def variants(args, shape):
         fused = [b for b in H.wanted_backends(args, device) if b in mk.available_backends(device)]
         best = next((b for b in ("cuda", "triton", "cpu") if b in fused), None)
         if best is not None:
-            skip = None if hasattr(mk, "policy_loss") else "mk.policy_loss not available yet (issue 4)"
-            skip = skip or H.interpreter_skip(best, device, shape.N * shape.V)
+            skip = H.interpreter_skip(best, device, shape.N * shape.V)
             out.append(H.Variant(f"clip:{best}", "ours", _setup, _clip(best), skip=skip,
                                  note="mk.policy_loss(ratio_control=ClipConfig()), vs liger-grpo"))
     if "cce" in args.peers:

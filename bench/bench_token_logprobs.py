@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 OP = "token_logprobs"
 
@@ -27,11 +27,6 @@ OP = "token_logprobs"
 def parser():
     return H.base_parser(__doc__.splitlines()[0])
 
-
-def missing_api():
-    if not hasattr(mk, "token_logprobs"):
-        return "mk.token_logprobs is not available yet (issue 4): only the eager and compiled baselines run"
-    return None
 
 
 shapes, input_bytes, bytes_floor, flops = H.logits_shapes, H.logits_input_bytes, H.logits_bytes_floor, H.no_flops
@@ -67,14 +62,11 @@ def _ours(backend):
 def variants(args, shape):
     device = args.device
     out = [H.Variant(H.EAGER, "reference", _setup, _eager, note="log_softmax(fp32) + gather + entropy, eager")]
-    if hasattr(mk, "token_logprobs"):
-        for b in H.wanted_backends(args, device):
-            skip = H.interpreter_skip(b, device, shape.N * shape.V)
-            if b not in mk.available_backends(device):
-                skip = f"backend {b!r} not available on {device.type}"
-            out.append(H.Variant(b, "ours", _setup, _ours(b), skip=skip))
-    else:
-        out.append(H.Variant("mk.token_logprobs", "ours", skip="not available yet (issue 4)"))
+    for b in H.wanted_backends(args, device):
+        skip = H.interpreter_skip(b, device, shape.N * shape.V)
+        if b not in mk.available_backends(device):
+            skip = f"backend {b!r} not available on {device.type}"
+        out.append(H.Variant(b, "ours", _setup, _ours(b), skip=skip))
     if "compile" in args.peers:
         out.append(H.Variant(H.COMPILED, "compiled", _setup, _compiled(), compiled=True,
                              note="torch.compile of the eager version"))

@@ -43,7 +43,7 @@ import bench_fused_linear  # noqa: E402
 import bench_mhpo_loss  # noqa: E402
 import harness as H  # noqa: E402
 import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 V_MAIN = 151936
 LOGIT_NS = (1024, 4096, 8192, 16384)

@@ -117,7 +117,7 @@ rc_word() { case "$1" in 0) echo "ok" ;; 124) echo "TIMED OUT" ;; 125) echo "ski
 note "# mhpo-kernels GPU report $STAMP (dry=$DRY, steps $STEPS, budget ${BUDGET}s) -> $OUT"
 "$PYTHON" - <<'EOF' > "$W/env.txt" 2>&1
 import json, torch
-from mhpo_kernels import _bench_utils as bu
+from mhpo_kernels.tools import bench_utils as bu
 import mhpo_kernels as mk
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 info = bu.env_info(dev)

@@ -42,7 +42,7 @@ for _p in (ROOT, HERE):
 
 import torch  # noqa: E402
 
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 EAGER, COMPILED = "torch", "torch.compile"
@@ -141,8 +141,8 @@ def finish_args(args) -> argparse.Namespace:
 def wanted_backends(args, device) -> List[str]:
     import mhpo_kernels as mk
 
-    avail = [b for b in mk.available_backends(device) if b != "torch"]
-    want = avail if args.backends is None else [b for b in args.backends if b != "torch"]
+    avail = [b for b in mk.available_backends(device) if b not in ("torch", "reference")]
+    want = avail if args.backends is None else [b for b in args.backends if b not in ("torch", "reference")]
     return want
 
 
@@ -167,14 +167,14 @@ def measure_variant(op, args, variant: Variant, shape: Shape) -> dict:
     bu.sync(device)
     if variant.compiled or cuda:
         _one_call(variant, sets[0], backward)  # compile / autotune / lazy init before measuring memory
-    peaks = bu.measure_peaks(variant.fwd, sets[0], device, backward=backward)
+    peaks, cold_ms = bu.measure_peaks(variant.fwd, sets[0], device, backward=backward)
     repeats = args.repeats
     if variant.kind == "reference" and args.baseline_repeats is not None:
         repeats = args.baseline_repeats
     if repeats > 0:
         phases = bu.time_phases(variant.fwd, sets, device, backward=backward, warmup=args.warmup, repeats=repeats)
     else:  # --baseline-repeats 0: the memory pass's own (cold, wall-clock) time
-        phases = bu.measure_peaks.last_ms
+        phases = cold_ms
     out = {"n_sets": n_sets, "repeats": repeats, "mem_method": "cuda" if cuda else bu.cpu_peak_method()}
     for mode in args.modes:
         p20, p50, p80 = bu.quantiles(phases[mode])
@@ -244,9 +244,6 @@ def run(op, argv=None) -> List[dict]:
     info = bu.env_info(device)
     print(f"# {op.OP} on {info['device_name']} | torch {info['torch']} | triton {info['triton']} | "
           f"mhpo_kernels {info['mhpo_kernels']} @ {info['commit']}", flush=True)
-    missing = op.missing_api()
-    if missing:
-        print(f"# {missing}", flush=True)
     copy_gbs = bu.copy_bandwidth_gbs(device, nbytes=(1 << 30) if device.type == "cpu" else (2 << 30))
     print(f"# device-to-device copy bandwidth (roofline reference): {copy_gbs:.1f} GB/s", flush=True)
     use_sub = device.type == "cpu" and not args.no_subprocess

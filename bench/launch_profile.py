@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile, record_function  # noqa: E402
 
 import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 GOAL_WORK_OPS = 12
 GOAL_VALUE_READS = 1

@@ -28,7 +28,7 @@ import harness as H  # noqa: E402
 import plots  # noqa: E402
 import torch  # noqa: E402
 
-from mhpo_kernels import _bench_utils as bu  # noqa: E402
+from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
 
 OPS = {"mhpo_loss": bench_mhpo_loss, "token_logprobs": bench_token_logprobs, "fused_linear": bench_fused_linear}
 

@@ -11,9 +11,9 @@ def main(argv=None):
     sub.add_parser("demo", help="train a large-vocabulary policy with MHPO and GRPO-clip", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "check":
-        from .check import main as run
+        from .tools.check import main as run
     else:
-        from .demo import main as run
+        from .tools.demo import main as run
     return run(rest)
 
 

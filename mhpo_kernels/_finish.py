@@ -66,7 +66,7 @@ def raise_bad_input(bad: Tensor, target: Tensor, cu_seqlens: Optional[Tensor], n
             f"target_ids[{pos}] (flattened) = {int(target[pos])} is outside [0, {num_classes}) "
             f"and is not ignore_index={ignore_index}"
         )
-    from .reference import check_cu_seqlens
+    from ._inputs import check_cu_seqlens
 
     check_cu_seqlens(cu_seqlens, target.numel(), target.device)  # raises with the offending offsets
     raise ValueError("cu_seqlens must start at 0, end at N and never decrease")

@@ -1,5 +1,7 @@
-"""Input validation and normalisation shared by every backend.
+"""Input validation and normalisation, shared by the fast path and the reference.
 
+This module and :mod:`mhpo_kernels.config` are the common layer: the fast path
+and :mod:`mhpo_kernels.reference` both import them, and they import neither.
 Everything here runs before any kernel launch. Shape, dtype and device checks
 are static (free under ``torch.compile``); the token-id range check reads the
 data and is done by :func:`check_target_ids`.
@@ -11,7 +13,6 @@ from typing import NamedTuple, Optional
 import torch
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -60,6 +61,74 @@ def _flat(name: str, t, shape, device, dtype, allow=("float",)) -> torch.Tensor:
     return t.detach().reshape(-1).to(dtype).contiguous()
 
 
+def check_loss_args(loss_agg_mode, beta, has_ref: bool) -> None:
+    """The scalar arguments of every policy loss (``has_ref``: reference log-probs are given)."""
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0 <= beta < float("inf")):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    if beta > 0 and not has_ref:
+        raise ValueError("beta > 0 needs ref_logprobs")
+
+
+def check_temperature(temperature) -> None:
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (0 < temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def check_logits(logits, what="logits") -> None:
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in LOGITS_DTYPES:
+        raise TypeError(f"{what} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
+    if logits.dim() not in (2, 3):
+        raise ValueError(f"{what} must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
+
+
+def check_ignore_index(ignore_index, V) -> None:
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if 0 <= ignore_index < V:
+        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V}; use a negative value")
+
+
+def prepare_targets(logits, target_ids, *, temperature, ignore_index, V=None):
+    """Validate logits ``[N, V]`` / ``[B, T, V]`` and their target ids: ``(logits2d, target [N] int64)``.
+
+    ``V``: the vocabulary size the ids index (default: the logits' last dimension; a
+    vocabulary shard passes the global one).
+    """
+    check_logits(logits)
+    if logits.shape[-1] < 1:
+        raise ValueError("logits must have a vocabulary dimension V >= 1")
+    check_temperature(temperature)
+    check_ignore_index(ignore_index, logits.shape[-1] if V is None else V)
+    if not isinstance(target_ids, torch.Tensor):
+        raise TypeError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
+    target = _flat("target_ids", target_ids, logits.shape[:-1], logits.device, torch.int64, allow=("int",))
+    logits2d = logits.reshape(-1, logits.shape[-1])
+    if logits2d.numel() and logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()  # kernels need unit stride along V; rows may be strided
+    return logits2d, target
+
+
+def prepare_rows(shape, device, old_logprobs, advantages, mask, ref_logprobs, dtype):
+    """The per-token inputs flattened to ``[N]`` ``dtype`` (mask: any float / bool / int dtype, None stays
+    None); ``advantages`` may be ``[B]`` for a ``[B, T]`` token shape."""
+    old = _flat("old_logprobs", old_logprobs, shape, device, dtype)
+    if isinstance(advantages, torch.Tensor) and len(shape) == 2 and tuple(advantages.shape) == tuple(shape[:1]):
+        advantages = advantages[:, None].expand(shape)  # one advantage per sequence
+    adv = _flat("advantages", advantages, shape, device, dtype)
+    m = None if mask is None else _flat("mask", mask, shape, device, dtype, allow=("float", "bool", "int"))
+    ref = None if ref_logprobs is None else _flat("ref_logprobs", ref_logprobs, shape, device, dtype)
+    return old, adv, m, ref
+
+
+def seq_shape_of(shape) -> tuple:
+    """(B, T) of a token shape: ``[B, T]`` is B sequences, ``[N]`` one."""
+    return (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+
+
 def prepare(
     logits,
     target_ids,
@@ -80,57 +149,18 @@ def prepare(
     ``raw_mask=True`` (the fused finishing step, which zeroes ignore_index rows
     itself): ``mask`` stays None when not given and ignored rows are not zeroed.
     """
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in LOGITS_DTYPES:
-        raise TypeError(f"logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
-    if logits.dim() not in (2, 3):
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
-    V = logits.shape[-1]
-    if V < 1:
-        raise ValueError("logits must have a vocabulary dimension V >= 1")
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (0 < temperature < float("inf")):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if 0 <= ignore_index < V:
-        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V}; use a negative value")
-    if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not (0 <= beta < float("inf")):
-        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
-    if beta > 0 and ref_logprobs is None:
-        raise ValueError("beta > 0 needs ref_logprobs")
-
-    device = logits.device
+    check_logits(logits)
+    check_loss_args(loss_agg_mode, beta, ref_logprobs is not None)
+    logits2d, target = prepare_targets(logits, target_ids, temperature=temperature, ignore_index=ignore_index)
     shape = tuple(logits.shape[:-1])
     if compute_dtype is None:
         compute_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if not isinstance(target_ids, torch.Tensor):
-        raise TypeError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
-    target = _flat("target_ids", target_ids, shape, device, torch.int64, allow=("int",))
-    old = _flat("old_logprobs", old_logprobs, shape, device, compute_dtype)
-    if (
-        isinstance(advantages, torch.Tensor)
-        and logits.dim() == 3
-        and advantages.dim() == 1
-        and advantages.shape[0] == shape[0]
-    ):
-        advantages = advantages[:, None].expand(shape)  # one advantage per sequence
-    adv = _flat("advantages", advantages, shape, device, compute_dtype)
-    if mask is None:
-        m = None if raw_mask else torch.ones(shape, device=device, dtype=compute_dtype).reshape(-1)
-    else:
-        m = _flat("mask", mask, shape, device, compute_dtype, allow=("float", "bool", "int"))
+    old, adv, m, ref = prepare_rows(shape, logits.device, old_logprobs, advantages, mask, ref_logprobs, compute_dtype)
     if not raw_mask:
+        if m is None:
+            m = torch.ones_like(old)
         m = torch.where(target == ignore_index, torch.zeros_like(m), m)
-    ref = None if ref_logprobs is None else _flat("ref_logprobs", ref_logprobs, shape, device, compute_dtype)
-
-    logits2d = logits.reshape(-1, V)
-    if logits2d.numel() and logits2d.stride(-1) != 1:
-        logits2d = logits2d.contiguous()  # kernels need unit stride along V; rows may be strided
-    seq_shape = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-    return Prepared(logits2d, target, old, adv, m, ref, shape, seq_shape)
+    return Prepared(logits2d, target, old, adv, m, ref, shape, seq_shape_of(shape))
 
 
 def check_target_ids(target: torch.Tensor, V: int, ignore_index: int) -> None:
@@ -144,21 +174,38 @@ def check_target_ids(target: torch.Tensor, V: int, ignore_index: int) -> None:
         )
 
 
-def safe_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a / b with 0 where b == 0 (empty and fully masked batches give 0, not NaN)."""
-    return a / torch.where(b == 0, torch.ones_like(b), b)
+def check_cu_seqlens_static(cu_seqlens, device) -> None:
+    """The checks of packed-sequence offsets that read no data."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be a 1-D [S+1] tensor of offsets, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but logits are on {device}")
+    if not cu_seqlens.is_contiguous():
+        raise ValueError("cu_seqlens must be contiguous")
 
 
-def aggregation_weights(mask, seq_shape, loss_agg_mode):
-    """Per-token weights w with ``loss = sum(w * L)`` for each aggregation mode of docs/mhpo.md."""
-    B, T = seq_shape
-    m = mask.reshape(B, T)
-    if loss_agg_mode == "token-mean":
-        w = safe_div(m, m.sum())
-    elif loss_agg_mode == "seq-mean-token-sum-norm":
-        w = m / max(B * T, 1)
-    else:
-        count = m.sum(-1, keepdim=True)
-        n_seq = (count != 0).sum().to(m.dtype)  # fully masked sequences are not counted
-        w = safe_div(safe_div(m, count) if loss_agg_mode == "seq-mean-token-mean" else m, n_seq)
-    return w.reshape(-1)
+def check_cu_seqlens(cu_seqlens, N, device) -> None:
+    """Validate packed-sequence offsets ``[S+1]`` (flash-attn varlen / verl remove-padding).
+
+    Static checks always; the data checks (starts at 0, ends at N, monotone)
+    read the tensor (one host sync) and are skipped under ``torch.compile``.
+    """
+    check_cu_seqlens_static(cu_seqlens, device)
+    if torch.compiler.is_compiling():
+        return
+    cu = cu_seqlens.long()
+    decreasing = cu.diff() < 0
+    first, last, n_bad = torch.stack([cu[0], cu[-1], decreasing.sum()]).tolist()  # one sync
+    if first != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {first}")
+    if n_bad:
+        i = int(decreasing.nonzero()[0, 0])
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}]={int(cu[i + 1])} < cu_seqlens[{i}]={int(cu[i])}"
+        )
+    if last != N:
+        raise ValueError(f"cu_seqlens[-1] must be the token count N={N}, got {last}")

@@ -15,7 +15,7 @@ it, no zeros for outputs nobody differentiates.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -25,38 +25,71 @@ from ._finish import METRICS, raise_bad_input
 from .config import MODE_NONE
 
 
-def _forward(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level, agg,
-             temperature, ignore_index, want_entropy, check_ids, backend):
-    kb = backends.get(backend)
-    N, V = logits.shape
-    # MODE_NONE: the pass over the logits never reads old / adv / mask, any [N] float32 stands in
-    logp, entropy, lse, _, _ = kb.fwd(logits, target, old, adv, mask if mask is not None else old, None, MODE_NONE,
-                                      params, 0.0, temperature, ignore_index, want_entropy)
+class FwdArgs(NamedTuple):
+    """The arguments of ``policy_fwd``, by name (the op itself takes them positionally)."""
+
+    logits: Tensor  # [N, V], unit stride along V
+    target: Tensor  # [N] int64
+    old: Optional[Tensor]  # [N] float32; None: log-probs only (MODE_NONE, no loss)
+    adv: Optional[Tensor]
+    mask: Optional[Tensor]
+    ref: Optional[Tensor]
+    cu_seqlens: Optional[Tensor]
+    num_seqs: int
+    seq_len: int
+    mode: int  # the finishing step's ratio control (config.MODE_* or _finish.MODE_GSPO)
+    params: List[float]
+    beta: float
+    seq_level: bool
+    agg: int
+    temperature: float
+    ignore_index: int
+    want_entropy: bool
+    check_ids: bool
+    inplace_backward: bool
+    backend: str
+
+
+def _forward(a: FwdArgs):
+    kb = backends.get(a.backend)
+    N, V = a.logits.shape
+    old = adv = a.old
+    if old is None:  # log-probs only: the pass never reads old / adv / mask, any [N] float32 stands in
+        old = adv = a.logits.new_empty(N, dtype=torch.float32)
+    else:
+        adv = a.adv
+    logp, entropy, lse, _, _ = kb.fwd(a.logits, a.target, old, adv, a.mask if a.mask is not None else old, None,
+                                      MODE_NONE, a.params, 0.0, a.temperature, a.ignore_index, a.want_entropy)
+    if a.old is None:
+        old = adv = logp  # delta = 0: the finishing step only checks the ids
     loss, dlogp, metrics, bad = kb.finish(
-        logp, entropy if want_entropy else None, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
-        params, beta, seq_level, agg, ignore_index, V, check_ids)
-    if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
-        raise_bad_input(bad, target, cu_seqlens, V, ignore_index)  # the one host sync, after both launches
+        logp, entropy if a.want_entropy else None, old, adv, a.mask, a.ref, a.target, a.cu_seqlens, a.num_seqs,
+        a.seq_len, a.mode, a.params, a.beta, a.seq_level, a.agg, a.ignore_index, V, a.check_ids)
+    if a.check_ids and not (a.target.is_cuda and torch.cuda.is_current_stream_capturing()):
+        raise_bad_input(bad, a.target, a.cu_seqlens, V, a.ignore_index)  # the one host sync, after both launches
     return loss, logp, entropy, lse, dlogp, metrics
 
 
 @torch.library.custom_op("mhpo_kernels::policy_fwd", mutates_args=())
 def policy_fwd(
-    logits: Tensor, target: Tensor, old: Tensor, adv: Tensor, mask: Optional[Tensor], ref: Optional[Tensor],
+    logits: Tensor, target: Tensor, old: Optional[Tensor], adv: Optional[Tensor], mask: Optional[Tensor],
+    ref: Optional[Tensor],
     cu_seqlens: Optional[Tensor], num_seqs: int, seq_len: int, mode: int, params: List[float], beta: float,
     seq_level: bool, agg: int, temperature: float, ignore_index: int, want_entropy: bool, check_ids: bool,
     inplace_backward: bool, backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss 0-d, logp [N], entropy [N] or [0], lse [N], dlogp [N] = d loss / d logp, metrics [13])."""
-    return _forward(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level,
-                    agg, temperature, ignore_index, want_entropy, check_ids, backend)
+    return _forward(FwdArgs(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta,
+                            seq_level, agg, temperature, ignore_index, want_entropy, check_ids, inplace_backward,
+                            backend))
 
 
 @policy_fwd.register_fake
 def _(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level, agg,
       temperature, ignore_index, want_entropy, check_ids, inplace_backward, backend):
     N = logits.shape[0]
-    new = lambda *n: logits.new_empty(n, dtype=torch.float32)  # noqa: E731
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the torch backend keeps float64
+    new = lambda *n: logits.new_empty(n, dtype=dtype)  # noqa: E731
     return new(), new(N), new(N if want_entropy else 0), new(N), new(N), new(len(METRICS))
 
 
@@ -105,16 +138,16 @@ def _eager(t: Tensor) -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target = inputs[0], inputs[1]
+    a = FwdArgs(*inputs)
     loss, logp, entropy, lse, dlogp, metrics = output
-    ctx.want_entropy, ctx.backend = inputs[16], inputs[19]
+    ctx.want_entropy, ctx.backend = a.want_entropy, a.backend
     # in-place is decided where the forward is traced: a compiled graph gets the out-of-place
     # backward (it must not write into a saved graph input)
-    ctx.inplace = inputs[18] and _eager(logits)
-    ctx.temperature, ctx.ignore_index = inputs[14], inputs[15]
+    ctx.inplace = a.inplace_backward and _eager(a.logits)
+    ctx.temperature, ctx.ignore_index = a.temperature, a.ignore_index
     ctx.set_materialize_grads(False)  # no zeros for the outputs nobody differentiates
     ctx.mark_non_differentiable(lse, dlogp, metrics)
-    ctx.save_for_backward(logits, target, lse, entropy, dlogp)
+    ctx.save_for_backward(a.logits, a.target, lse, entropy, dlogp)
 
 
 def _bwd_args(ctx, g_loss, g_logp, g_ent):
@@ -148,7 +181,7 @@ class _EagerPolicy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = _forward(*inputs[:18], inputs[19])
+        output = _forward(FwdArgs(*inputs))
         _setup_context(ctx, inputs, output)
         return output
 
@@ -162,9 +195,50 @@ class _EagerPolicy(torch.autograd.Function):
         return (grad,) + (None,) * 19
 
 
-def policy_forward(*inputs):
-    """:func:`policy_fwd` (same arguments and outputs): the registered op under torch.compile,
-    a plain autograd.Function in eager mode."""
+def policy_forward(a: FwdArgs):
+    """:func:`policy_fwd` (same outputs): the registered op under torch.compile, a plain
+    autograd.Function in eager mode."""
     if torch.compiler.is_compiling():
-        return policy_fwd(*inputs)
-    return _EagerPolicy.apply(*inputs)
+        return policy_fwd(*a)
+    return _EagerPolicy.apply(*a)
+
+
+class FinishedLoss(torch.autograd.Function):
+    """The finishing step as a differentiable function of the log-probs, for callers that already
+    have them (``policy_loss_from_logprobs``, the fused lm_head): one ``finish`` launch forward,
+    ``grad_logp = g * dlogp`` backward (the analytic ``d loss / d logp``, no autograd through the
+    ratio control). Returns ``(loss, metrics)``; ``metrics`` is not differentiable.
+
+    Reference log-probs that require grad (a reference lm_head being trained) get
+    ``d loss / d ref = w * beta * (e^(ref - logp) - 1)``: a second finish launch with the
+    ratio control off (``MODE_NONE``) returns exactly ``-`` that as its ``dlogp``.
+    """
+
+    @staticmethod
+    def forward(ctx, logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
+                seq_level, agg, ignore_index, num_classes, check_ids, backend):
+        ctx.set_materialize_grads(False)
+        kb = backends.get(backend)
+        loss, dlogp, metrics, bad = kb.finish(
+            logp.detach(), entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
+            seq_level, agg, ignore_index, num_classes, check_ids)
+        if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
+            raise_bad_input(bad, target, cu_seqlens, num_classes, ignore_index)
+        dref = None
+        if ctx.needs_input_grad[5] and beta:
+            _, minus_dref, _, _ = kb.finish(
+                logp.detach(), None, old, adv, mask, ref.detach(), target, cu_seqlens, num_seqs, seq_len, MODE_NONE,
+                params, beta, seq_level, agg, ignore_index, num_classes, False)
+            dref = minus_dref.neg_()
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(dlogp, dref)
+        ctx.dtypes = logp.dtype, None if ref is None else ref.dtype
+        return loss, metrics
+
+    @staticmethod
+    def backward(ctx, g_loss, g_metrics):
+        if g_loss is None:
+            return (None,) * 19
+        dlogp, dref = ctx.saved_tensors
+        g_ref = None if dref is None else (dref * g_loss).to(ctx.dtypes[1])
+        return ((dlogp * g_loss).to(ctx.dtypes[0]), None, None, None, None, g_ref) + (None,) * 13

@@ -21,44 +21,9 @@ import torch
 import torch.distributed as dist
 
 from . import backends
-from ._inputs import check_target_ids
-from .config import KERNEL_PARAMS, MODE_NONE, from_kernel_params
-
-
-class _TorchShard:
-    """The backend contract (MODE_NONE, vocab_start) in plain PyTorch, for backend="torch"."""
-
-    @staticmethod
-    def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index, want_entropy,
-            vocab_start=0):
-        z = logits.float() / temperature
-        N, V = z.shape
-        lse = torch.logsumexp(z, -1) if V else z.new_full((N,), float("-inf"))
-        y = target - vocab_start
-        owned = (target != ignore_index) & (y >= 0) & (y < V)
-        logp = torch.where(owned, z.gather(1, torch.where(owned, y, 0)[:, None])[:, 0] - lse, 0.0)
-        entropy = z.new_empty(0)
-        if want_entropy:
-            logp_all = z - lse[:, None]
-            p = logp_all.exp()
-            entropy = torch.where(target != ignore_index, -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1), 0.0)
-        return logp, entropy, lse, torch.zeros_like(lse), torch.zeros_like(lse)
-
-    @staticmethod
-    def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, vocab_start=0):
-        logp_all = logits.float() / temperature - lse[:, None]
-        p = logp_all.exp()
-        cols = torch.arange(logits.shape[1], device=logits.device) + vocab_start
-        grad = (cols[None, :] == target[:, None]).float() * dlogp[:, None] - dlogp[:, None] * p
-        if dent is not None:
-            grad = grad - dent[:, None] * p * torch.where(p > 0, logp_all + entropy[:, None], 0.0)
-        grad = torch.where((target != ignore_index)[:, None], grad / temperature, 0.0)
-        out.copy_(grad)
-        return out
-
-
-def _kernels(backend: str):
-    return _TorchShard if backend == "torch" else backends.get(backend)
+from ._finish import raise_bad_input
+from ._inputs import check_ignore_index, check_target_ids
+from .config import KERNEL_PARAMS, MODE_NONE
 
 
 def shard_layout(V_local: int, N: int, group, vocab_start_index=None, chunk_size: int = 0):
@@ -100,23 +65,21 @@ def shard_layout(V_local: int, N: int, group, vocab_start_index=None, chunk_size
 
 
 class ShardedBackend:
-    """The backend contract (``mhpo_kernels.backends``) on a vocabulary shard.
+    """The launchers of a backend (``mhpo_kernels.backends``) on a vocabulary shard.
 
-    ``fwd`` runs the base backend's log-prob pass on the shard (MODE_NONE),
-    combines the O(N) statistics across the group, and computes the ratio
-    control's per-token loss and coefficient from the global log-probs in torch
-    (O(N)); it returns global ``(logp, entropy, lse, loss, coef)``, identical on
-    every rank. ``bwd`` is the base backend's, with the global lse / entropy.
+    ``fwd`` (MODE_NONE) runs the base backend's log-prob pass on the shard and
+    combines the O(N) statistics across the group: it returns global
+    ``(logp, entropy, lse)``, identical on every rank. ``bwd`` is the base
+    backend's, with the global lse / entropy and this shard's ``vocab_start``.
     """
 
     def __init__(self, base, group, vocab_start):
         self.base, self.group, self.start = base, group, vocab_start
 
-    def fwd(self, logits, target, old, adv, mask, ref, mode, params, beta, temperature, ignore_index,
-            want_entropy):
-        N, V = logits.shape
+    def fwd(self, logits, target, rows, temperature, ignore_index, want_entropy):
+        V = logits.shape[1]
         logp_l, ent_l, lse_l, _, _ = self.base.fwd(
-            logits, target, old, adv, mask, None, MODE_NONE, params, 0.0, temperature, ignore_index,
+            logits, target, rows, rows, rows, None, MODE_NONE, [0.0] * KERNEL_PARAMS, 0.0, temperature, ignore_index,
             want_entropy, vocab_start=self.start)
         valid = target != ignore_index
         owned = valid & (target >= self.start) & (target < self.start + V)
@@ -131,21 +94,9 @@ class ShardedBackend:
         lse = M + torch.log(stats[0])
         logp = torch.where(valid, stats[1] - lse, 0.0)
         entropy = torch.where(valid, lse - stats[2] / stats[0], 0.0) if want_entropy else lse.new_empty(0)
-        loss, coef = torch.zeros_like(lse), torch.zeros_like(lse)
-        if mode != MODE_NONE:  # the kernels' epilogue, in torch, on the global log-probs
-            from .policy import token_epilogue
-
-            active = valid & (mask != 0)
-            zero = torch.zeros_like(lse)
-            d = torch.where(active, ref - logp, zero) if ref is not None else None
-            loss, coef, _ = token_epilogue(from_kernel_params(mode, params), torch.where(active, logp - old, zero),
-                                           torch.where(active, adv, zero), d, beta, active)
-        return logp, entropy, lse, loss, coef
+        return logp, entropy, lse
 
     def bwd(self, logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out, scale=None):
-        if scale is None:
-            return self.base.bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out,
-                                 vocab_start=self.start)
         return self.base.bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, out,
                              vocab_start=self.start, scale=scale)
 
@@ -153,10 +104,10 @@ class ShardedBackend:
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, temperature, ignore_index, want_entropy, backend, group, start):
-        k = ShardedBackend(_kernels(backend), group, start)
-        dummy = torch.zeros(logits.shape[0], device=logits.device, dtype=torch.float32)
-        logp, entropy, lse, _, _ = k.fwd(logits, target, dummy, dummy, dummy, None, MODE_NONE,
-                                         [0.0] * KERNEL_PARAMS, 0.0, temperature, ignore_index, want_entropy)
+        k = ShardedBackend(backends.get(backend), group, start)
+        # the shard's pass reads no per-token loss inputs: any [N] buffer of the compute dtype stands in
+        rows = logits.new_empty(logits.shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+        logp, entropy, lse = k.fwd(logits, target, rows, temperature, ignore_index, want_entropy)
         ctx.save_for_backward(logits, target, lse, entropy)
         ctx.args = (temperature, ignore_index, want_entropy, k)
         return logp, entropy
@@ -165,8 +116,8 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp, g_ent):
         logits, target, lse, entropy = ctx.saved_tensors
         temperature, ignore_index, want_entropy, k = ctx.args
-        dlogp = torch.zeros_like(lse) if g_logp is None else g_logp.float().contiguous()
-        dent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
+        dlogp = torch.zeros_like(lse) if g_logp is None else g_logp.to(lse.dtype).contiguous()
+        dent = g_ent.to(lse.dtype).contiguous() if (want_entropy and g_ent is not None) else None
         grad = torch.empty_like(logits)
         k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature,
               ignore_index, grad)
@@ -179,23 +130,18 @@ class _VocabParallelPolicy(torch.autograd.Function):
     backward is the shard's one backward launch with the loss's upstream gradient as ``scale``."""
 
     @staticmethod
-    def forward(ctx, logits, target, old, adv, mask, ref, cu_seqlens, finish_args, check_ids, backend, group, start,
-                V_total):
+    def forward(ctx, logits, a, group, start, V_total):
         ctx.set_materialize_grads(False)
-        num_seqs, seq_len, mode, params, beta, seq_level, agg, temperature, ignore_index, want_entropy = finish_args
-        k = ShardedBackend(backends.get(backend), group, start)
-        logp, entropy, lse, _, _ = k.fwd(logits, target, old, adv, old, None, MODE_NONE, params, 0.0, temperature,
-                                         ignore_index, want_entropy)
-        from ._finish import raise_bad_input
-
+        k = ShardedBackend(backends.get(a.backend), group, start)
+        logp, entropy, lse = k.fwd(logits, a.target, a.old, a.temperature, a.ignore_index, a.want_entropy)
         loss, dlogp, metrics, bad = k.base.finish(
-            logp, entropy if want_entropy else None, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
-            params, beta, seq_level, agg, ignore_index, V_total, check_ids)
-        if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
-            raise_bad_input(bad, target, cu_seqlens, V_total, ignore_index)
+            logp, entropy if a.want_entropy else None, a.old, a.adv, a.mask, a.ref, a.target, a.cu_seqlens,
+            a.num_seqs, a.seq_len, a.mode, a.params, a.beta, a.seq_level, a.agg, a.ignore_index, V_total, a.check_ids)
+        if a.check_ids and not (a.target.is_cuda and torch.cuda.is_current_stream_capturing()):
+            raise_bad_input(bad, a.target, a.cu_seqlens, V_total, a.ignore_index)
         ctx.mark_non_differentiable(logp, metrics)
-        ctx.save_for_backward(logits, target, lse, entropy, dlogp)
-        ctx.args = (temperature, ignore_index, want_entropy, k)
+        ctx.save_for_backward(logits, a.target, lse, entropy, dlogp)
+        ctx.args = (a.temperature, a.ignore_index, a.want_entropy, k)
         return loss, logp, entropy, metrics
 
     @staticmethod
@@ -204,23 +150,19 @@ class _VocabParallelPolicy(torch.autograd.Function):
         temperature, ignore_index, want_entropy, k = ctx.args
         if g_loss is None:
             dlogp = torch.zeros_like(lse)
-        dent = g_ent.float().contiguous() if (want_entropy and g_ent is not None) else None
+        dent = g_ent.to(lse.dtype).contiguous() if (want_entropy and g_ent is not None) else None
         grad = torch.empty_like(logits)
         k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature, ignore_index, grad,
-              scale=None if g_loss is None else g_loss.float())
-        return (grad,) + (None,) * 12
+              scale=None if g_loss is None else g_loss)
+        return grad, None, None, None, None
 
 
-def vocab_parallel_policy(logits2d, target, old, adv, mask, ref, cu_seqlens, finish_args, *, group, check_ids,
-                          backend, vocab_start_index=None):
-    """``(loss, logp, entropy, metrics)`` of the fused policy loss on a vocabulary shard ``[N, V_local]``
-    (a fused backend; ``finish_args`` as :func:`mhpo_kernels._finish.policy_fwd` takes them)."""
-    start, V_total = shard_layout(logits2d.shape[1], logits2d.shape[0], group, vocab_start_index)
-    ignore_index = finish_args[8]
-    if 0 <= ignore_index < V_total:
-        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V_total}; use a negative value")
-    return _VocabParallelPolicy.apply(logits2d, target, old, adv, mask, ref, cu_seqlens, finish_args, bool(check_ids),
-                                      backend, group, start, V_total)
+def vocab_parallel_policy(a, *, group, vocab_start_index=None):
+    """``(loss, logp, entropy, metrics)`` of the fused policy loss on a vocabulary shard: ``a`` is the
+    :class:`mhpo_kernels._ops.FwdArgs` of the call, with ``a.logits`` this rank's ``[N, V_local]``."""
+    start, V_total = shard_layout(a.logits.shape[1], a.logits.shape[0], group, vocab_start_index)
+    check_ignore_index(a.ignore_index, V_total)
+    return _VocabParallelPolicy.apply(a.logits, a, group, start, V_total)
 
 
 def vocab_parallel_logprobs(logits2d, target, *, group, temperature=1.0, ignore_index=-100,
@@ -232,8 +174,7 @@ def vocab_parallel_logprobs(logits2d, target, *, group, temperature=1.0, ignore_
     """
     name = backends.resolve(backend, logits2d.device)
     start, V_total = shard_layout(logits2d.shape[1], logits2d.shape[0], group, vocab_start_index)
-    if 0 <= ignore_index < V_total:
-        raise ValueError(f"ignore_index={ignore_index} is a valid token id for V={V_total}; use a negative value")
+    check_ignore_index(ignore_index, V_total)
     if not torch.compiler.is_compiling():
         check_target_ids(target, V_total, ignore_index)
     logp, entropy = _VocabParallelLogprobs.apply(logits2d, target, float(temperature), int(ignore_index),

@@ -51,19 +51,25 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends, reference
-from ._inputs import MHPOOutput, check_target_ids, prepare
-from .config import KERNEL_PARAMS, MHPOConfig, MODE_NONE, resolve_ratio_control
+from . import backends
+from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
+from ._inputs import (
+    MHPOOutput, _flat, check_cu_seqlens, check_ignore_index, check_loss_args, check_target_ids, check_temperature,
+    prepare_rows, seq_shape_of,
+)
+from ._ops import FinishedLoss
+from .distributed import shard_layout
+from .config import KERNEL_PARAMS, MODE_NONE, MHPOConfig, resolve_ratio_control
 
 __all__ = ["fused_linear_mhpo_loss", "MHPOLinearLoss", "default_chunk_sizes"]
 
-_HIDDEN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCRATCH_CAP = 128 * 2**20  # bytes of tile scratch at most (a [4096, 8192] fp32 tile); GEMMs are efficient well below
 _SCRATCH_MIN = 4 * 2**20
 _MIN_COLS = 512  # fewest vocabulary rows per tile worth a GEMM call
@@ -240,6 +246,21 @@ def _logits_tile(h, w, b):
     return torch.addmm(b, h, w.t()) if b is not None else torch.mm(h, w.t())
 
 
+@dataclass(frozen=True)
+class _TileOpts:
+    """How the tile loop runs: the backend's launchers, the softmax's temperature and ignored id,
+    the tile shape, and the vocabulary shard (``group`` None: one device holds all of V)."""
+
+    kernels: object
+    temperature: float
+    ignore_index: int
+    want_entropy: bool
+    rows: int
+    cols: int
+    group: object = None
+    vocab_start: int = 0
+
+
 class _LinearLogprobs(torch.autograd.Function):
     """Per-token log-probs (and entropy) of ``softmax((hidden @ weight.T + bias) / T)``, chunked,
     for one or two heads (the policy and, optionally, a reference lm_head) in the same tile loop.
@@ -250,15 +271,15 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, opts, target, hidden, weight, bias, ref_hidden, ref_weight, ref_bias):
-        kern = opts["kernels"]
+        kern = opts.kernels
         N, V = hidden.shape[0], weight.shape[0]
-        T, ii, start = opts["temperature"], opts["ignore_index"], opts["vocab_start"]
-        heads = [(hidden, weight, bias, opts["return_entropy"])]
+        T, ii, start = opts.temperature, opts.ignore_index, opts.vocab_start
+        heads = [(hidden, weight, bias, opts.want_entropy)]
         if ref_weight is not None:
             heads.append((ref_hidden, ref_weight, ref_bias, False))
         cdt = gemm_dtype(hidden.dtype, hidden.device)
-        rows, cols = opts["chunks"]
-        dummy = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+        rows, cols = opts.rows, opts.cols
+        unused = hidden.new_empty(N, dtype=torch.float32)  # MODE_NONE: the pass never reads old / adv / mask
         params = [0.0] * KERNEL_PARAMS
         results = []
         for h_in, w_in, b_in, want_ent in heads:
@@ -269,14 +290,14 @@ class _LinearLogprobs(torch.autograd.Function):
                 for r in rs:
                     z = _logits_tile(h[r], w, b)
                     y = target[r]
-                    logp_k, ent_k, lse_k, _, _ = kern.fwd(z, y, dummy[r], dummy[r], dummy[r], None, MODE_NONE,
+                    logp_k, ent_k, lse_k, _, _ = kern.fwd(z, y, unused[r], unused[r], unused[r], None, MODE_NONE,
                                                           params, 0.0, T, ii, want_ent, vocab_start=start + c.start)
                     owned = (y >= start + c.start) & (y < start + c.stop)
                     merge.add(r, lse_k, ent_k, logp_k, owned)
                     del z
             del h
-            if opts["group"] is not None:
-                merge.all_reduce(opts["group"])
+            if opts.group is not None:
+                merge.all_reduce(opts.group)
             results.append(merge.result(target != ii))
         logp, ent, lse = results[0]
         ref_logp, _, ref_lse = results[1] if len(results) > 1 else (logp.new_empty(0), None, None)
@@ -342,9 +363,9 @@ def _grad_pass(opts, target, hidden, weight, bias, lse, entropy, dlogp, dent, wa
         dent = dent.float().contiguous()
     else:
         entropy = None
-    kern, T, ii, start = opts["kernels"], opts["temperature"], opts["ignore_index"], opts["vocab_start"]
+    kern, T, ii, start = opts.kernels, opts.temperature, opts.ignore_index, opts.vocab_start
     cdt = gemm_dtype(hidden.dtype, dev)
-    rows, cols = opts["chunks"]
+    rows, cols = opts.rows, opts.cols
     acc_h = None
     if need_h:  # float32 across vocabulary slices; the gradient itself when hidden is float32
         acc_h = torch.zeros(N, H, **f32)
@@ -379,8 +400,8 @@ def _grad_pass(opts, target, hidden, weight, bias, lse, entropy, dlogp, dent, wa
     del h
     grad_h = None
     if need_h:
-        if opts["group"] is not None:
-            dist.all_reduce(acc_h, group=opts["group"])  # every vocabulary shard contributes to d hidden
+        if opts.group is not None:
+            dist.all_reduce(acc_h, group=opts.group)  # every vocabulary shard contributes to d hidden
         grad_h = acc_h if hidden.dtype == torch.float32 else acc_h.to(hidden.dtype)
     return grad_h, grad_w, grad_b
 
@@ -440,7 +461,7 @@ def fused_linear_mhpo_loss(
 
     Args:
         hidden: [B, T, H] or [N, H] last hidden states; float32 / bfloat16 / float16
-            (float64 with ``backend="torch"``); CPU or CUDA.
+            (float64 with ``backend="reference"``); CPU or CUDA.
         weight: [V, H] lm_head weight, hidden's dtype and device.
         target_ids, old_logprobs, advantages, mask: as :func:`mhpo_kernels.policy_loss`
             (shape ``hidden.shape[:-1]``; advantages may be [B] for [B, T, H]).
@@ -458,9 +479,9 @@ def fused_linear_mhpo_loss(
             :func:`mhpo_kernels.policy_loss`.
         temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, backend:
             as :func:`mhpo_kernels.policy_loss`. ``backend`` resolves against the
-            hidden states' device; ``"torch"`` (the reference, also what "auto"
-            gives where no fused backend exists) computes the plain unfused
-            ``F.linear`` + reference loss.
+            hidden states' device (the tiles run its launchers; ``"torch"`` on any
+            device); ``"reference"`` computes the plain unfused ``F.linear`` +
+            reference loss.
         ref_hidden, ref_weight, ref_bias: a reference policy's lm_head (Liger's
             ``ref_input`` / ``ref_weight``) instead of ``ref_logprobs``: its
             log-probs come from the same chunked tile loop, the reference logits
@@ -501,61 +522,61 @@ def fused_linear_mhpo_loss(
     _check_chunk("vocab_chunk_size", vocab_chunk_size)
     name = backends.resolve(backend, hidden.device)
     sharded = process_group is not None
-    if cu_seqlens is not None and hidden.dim() != 2:
-        raise ValueError(f"cu_seqlens needs packed [N, H] hidden states, got shape {tuple(hidden.shape)}")
-    if name == "torch" and not sharded:
+    if cu_seqlens is not None:
+        if hidden.dim() != 2:
+            raise ValueError(f"cu_seqlens needs packed [N, H] hidden states, got shape {tuple(hidden.shape)}")
+        # the data checks read the offsets (a host sync) before the tile loop's GEMMs, not after them
+        check_cu_seqlens(cu_seqlens, math.prod(hidden.shape[:-1]), hidden.device)
+    if name == backends.REFERENCE:
+        if sharded:
+            raise ValueError("backend='reference' has no vocabulary-parallel form; use backend='torch'")
+        ref = backends.reference()
         if ref_head is not None:
             rh, rw, rb = ref_head
-            ref_logprobs = reference.token_logprobs(F.linear(rh, rw, rb).reshape(*hidden.shape[:-1], -1), target_ids,
-                                                    temperature=temperature, ignore_index=ignore_index)
-        return reference.policy_loss(
+            ref_logprobs = ref.token_logprobs(F.linear(rh, rw, rb).reshape(*hidden.shape[:-1], -1), target_ids,
+                                              temperature=temperature, ignore_index=ignore_index)
+        return ref.policy_loss(
             F.linear(hidden, weight, bias), target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
             importance_sampling_level=level, cu_seqlens=cu_seqlens, temperature=temperature,
             loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
             return_entropy=return_entropy,
         )
-    if hidden.dtype not in _HIDDEN_DTYPES:
-        raise TypeError(f"backend {name!r} takes float32 / bfloat16 / float16 hidden states, got {hidden.dtype}; "
-                        "use backend='torch' for float64")
-    from .distributed import _kernels, shard_layout
-    from .policy import Sequences, _loss_from_flat
+    backends.check_dtype(name, hidden.dtype, "hidden states")
+    if hidden.dtype == torch.float64:
+        raise TypeError("the fused lm_head tiles take float32 / bfloat16 / float16 hidden states, got "
+                        "torch.float64; use backend='reference' for float64")
+    check_loss_args(loss_agg_mode, beta, ref_logprobs is not None or ref_head is not None)
+    check_temperature(temperature)
 
     V, H = weight.shape
-    N = math.prod(hidden.shape[:-1])
+    shape = tuple(hidden.shape[:-1])
+    N = math.prod(shape)
     rows, cols = default_chunk_sizes(N, V, H, hidden.dtype, hidden.device)
     rows, cols = chunk_size or rows, vocab_chunk_size or cols
     start, V_total = 0, V
     if sharded:
         start, V_total = shard_layout(V, N, process_group, vocab_start_index, rows)
-    # a [.., V] view of V elements stands in for the logits: prepare() validates and flattens the rest
-    proxy = torch.zeros(V_total, device=hidden.device, dtype=hidden.dtype).expand(*hidden.shape[:-1], V_total)
-    ref_stand_in = ref_logprobs
-    if ref_head is not None:  # validated like ref_logprobs, computed below
-        ref_stand_in = torch.zeros(hidden.shape[:-1], device=hidden.device)
-    x = prepare(
-        proxy, target_ids, old_logprobs, advantages, mask, temperature=temperature,
-        loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_stand_in,
-        beta=beta, compute_dtype=torch.float32,
-    )
-    if cu_seqlens is not None:
-        reference.check_cu_seqlens(cu_seqlens, N, hidden.device)
-    check_target_ids(x.target, V_total, ignore_index)
-    seqs = Sequences(x.seq_shape, cu_seqlens, N, hidden.device)
-    opts = dict(
-        kernels=_kernels(name), temperature=float(temperature), ignore_index=int(ignore_index),
-        return_entropy=bool(return_entropy), chunks=(rows, cols), group=process_group, vocab_start=start,
-    )
+    check_ignore_index(ignore_index, V_total)
+    target = _flat("target_ids", target_ids, shape, hidden.device, torch.int64, allow=("int",))
+    check_target_ids(target, V_total, ignore_index)  # before the GEMMs (one host sync)
+    old, adv, m, ref = prepare_rows(shape, hidden.device, old_logprobs, advantages, mask, ref_logprobs,
+                                    torch.float32)
+    opts = _TileOpts(backends.get(name), float(temperature), int(ignore_index), bool(return_entropy), rows, cols,
+                     process_group, start)
     h2d = hidden.reshape(-1, H)
     if h2d.numel() and h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
     rh, rw, rb = ref_head if ref_head is not None else (None, None, None)
-    logp, entropy, ref_logp = _LinearLogprobs.apply(opts, x.target, h2d, weight, bias, rh, rw, rb)
-    ref = ref_logp if ref_head is not None else x.ref
-    ent = entropy if return_entropy else None
-    loss, metrics = _loss_from_flat(logp, x.old, x.adv, x.mask, ref, float(beta), cfg, level, seqs, loss_agg_mode,
-                                    ent)
-    return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,
-                      metrics)
+    logp, entropy, ref_logp = _LinearLogprobs.apply(opts, target, h2d, weight, bias, rh, rw, rb)
+    if ref_head is not None:
+        ref = ref_logp
+    B, T = seq_shape_of(shape)
+    loss, metrics = FinishedLoss.apply(
+        logp, entropy if return_entropy else None, old, adv, m, ref, target, cu_seqlens, B, T, finish_mode(cfg),
+        list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], int(ignore_index),
+        V_total, False, name)
+    metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, ref is not None))
+    return MHPOOutput(loss, logp.detach().reshape(shape), entropy.reshape(shape) if return_entropy else None, metrics)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

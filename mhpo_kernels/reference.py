@@ -1,26 +1,33 @@
 """Plain-PyTorch reference: the ground truth every backend is tested against.
 
-It mirrors ``docs/mhpo.md`` (the package's math) line by line and is also the ``"torch"`` backend:
-any device, any float dtype (math in float32, or float64 for float64 logits).
-It materialises ``log_softmax`` over ``[N, V]``, which is exactly the memory the
-fused backends avoid.
+It mirrors ``docs/mhpo.md`` (the package's math) line by line and is also
+``backend="reference"``: any device, any float dtype (math in float32, or float64
+for float64 logits), plain autograd through the formulas. It materialises
+``log_softmax`` over ``[N, V]``, which is exactly the memory the fused backends avoid.
+
+A leaf: it imports only the common layer (:mod:`.config`, :mod:`._inputs`), and no
+module of the fast path imports it (``tests/test_layout.py`` checks both).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ._inputs import MHPOOutput, check_target_ids, prepare, safe_div
+from ._inputs import MHPOOutput, check_cu_seqlens, check_target_ids, prepare, prepare_targets
 from .config import (
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig, resolve_ratio_control,
 )
-from .metrics import policy_metrics
 
 __all__ = [
     "mhpo_loss", "token_logprobs_entropy", "lfm", "dhp", "token_loss", "aggregate",
     "policy_loss", "policy_loss_from_logprobs", "token_logprobs", "gspo_token_loss", "sequence_token_loss",
-    "sequence_log_ratio", "check_cu_seqlens",
+    "sequence_log_ratio", "check_cu_seqlens", "policy_metrics",
 ]
+
+
+def safe_div(a, b):
+    """a / b with 0 where b == 0 (empty and fully masked batches give 0, not NaN)."""
+    return a / torch.where(b == 0, torch.ones_like(b), b)
 
 
 def token_logprobs_entropy(logits2d, target, temperature, ignore_index, dtype=torch.float32, want_entropy=True):
@@ -92,7 +99,7 @@ def aggregate(L, m, loss_agg_mode):
 def mhpo_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, config=None,
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
-    ref_logprobs=None, beta=0.0, return_entropy=False, backend="torch", inplace_backward=False,
+    ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference", inplace_backward=False,
 ):
     """Reference MHPO loss; same signature and output as :func:`mhpo_kernels.mhpo_loss`.
 
@@ -109,39 +116,9 @@ def mhpo_loss(
 
 
 # ---------------------------------------------------------------------------
-# The general policy loss (issue 4): every ratio control, token- or
-# sequence-level importance sampling, packed input. Plain autograd over a
-# padded [B, T] layout; packed input is padded first (the fused path never pads).
-
-
-def check_cu_seqlens(cu_seqlens, N, device):
-    """Validate packed-sequence offsets ``[S+1]`` (flash-attn varlen / verl remove-padding).
-
-    Static checks always; the data checks (starts at 0, ends at N, monotone)
-    read the tensor and are skipped under ``torch.compile``.
-    """
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be a 1-D [S+1] tensor of offsets, got shape {tuple(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise ValueError(f"cu_seqlens is on {cu_seqlens.device} but logits are on {device}")
-    if torch.compiler.is_compiling():
-        return
-    cu = cu_seqlens.long()
-    decreasing = cu.diff() < 0
-    first, last, n_bad = torch.stack([cu[0], cu[-1], decreasing.sum()]).tolist()  # one sync
-    if first != 0:
-        raise ValueError(f"cu_seqlens[0] must be 0, got {first}")
-    if n_bad:
-        i = int(decreasing.nonzero()[0, 0])
-        raise ValueError(
-            f"cu_seqlens must be non-decreasing: cu_seqlens[{i + 1}]={int(cu[i + 1])} < cu_seqlens[{i}]={int(cu[i])}"
-        )
-    if last != N:
-        raise ValueError(f"cu_seqlens[-1] must be the token count N={N}, got {last}")
+# The general policy loss: every ratio control, token- or sequence-level
+# importance sampling, packed input. Plain autograd over a padded [B, T]
+# layout; packed input is padded first (the fused path never pads).
 
 
 def _pad_index(cu_seqlens):
@@ -229,7 +206,7 @@ def _policy_loss_flat(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, s
 def policy_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
-    ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="torch",
+    ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference",
     inplace_backward=False,
 ):
     """Reference of :func:`mhpo_kernels.policy_loss` (same signature and output).
@@ -279,23 +256,82 @@ def policy_loss_from_logprobs(
     return MHPOOutput(loss, logprobs.detach(), None, metrics)
 
 
-def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="torch"):
+def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="reference"):
     """Reference of :func:`mhpo_kernels.token_logprobs`: ``log_softmax(logits / T).gather``
     and ``-sum(p log p)``, differentiable; 0 at ``ignore_index`` positions."""
-    x = prepare_targets(logits, target_ids, temperature, ignore_index)
+    logits2d, target = prepare_targets(logits, target_ids, temperature=temperature, ignore_index=ignore_index)
     if not torch.compiler.is_compiling():
-        check_target_ids(x.target, x.logits.shape[-1], ignore_index)
-    logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
+        check_target_ids(target, logits2d.shape[-1], ignore_index)
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp, entropy = token_logprobs_entropy(logits2d, target, temperature, ignore_index, dtype,
                                            want_entropy=return_entropy)
-    return (logp.reshape(x.shape), entropy.reshape(x.shape)) if return_entropy else logp.reshape(x.shape)
+    shape = logits.shape[:-1]
+    return (logp.reshape(shape), entropy.reshape(shape)) if return_entropy else logp.reshape(shape)
 
 
-def prepare_targets(logits, target_ids, temperature, ignore_index):
-    """:func:`prepare` for logits and targets only (old / adv are zeros, mask ones)."""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    zeros = torch.zeros(logits.shape[:-1], device=logits.device) if logits.dim() in (2, 3) else None
-    return prepare(
-        logits, target_ids, zeros, zeros, None, temperature=temperature, loss_agg_mode="token-mean",
-        ignore_index=ignore_index, ref_logprobs=None, beta=0.0,
-    )
+# ---------------------------------------------------------------------------
+# Trainer metrics over the masked tokens, from per-token log-ratios.
+
+def _mean(x, active, n):
+    return torch.where(active, x, torch.zeros_like(x)).sum() / n
+
+
+def _clip_fractions(r, cfg, adv, active, n):
+    low, high = r < 1 - cfg.eps_low, r > 1 + cfg.eps_high
+    if adv is not None:
+        low, high = low & (adv < 0), high & (adv > 0)
+    low, high = low.float(), high.float()
+    return {"clipfrac_low": _mean(low, active, n), "clipfrac_high": _mean(high, active, n),
+            "clipfrac": _mean(low + high, active, n)}
+
+
+@torch.no_grad()
+def policy_metrics(cfg, delta, active, entropy=None, kl=None, adv=None) -> dict:
+    """delta: [N] log-ratios (0 where inactive); active: [N] bool; adv: [N] or None.
+
+    Means are over active tokens (0 when there are none); ratio_max / ratio_min
+    are exp of the extreme log-ratios (1.0 when there are no active tokens).
+    For sequence-level importance sampling, ``delta`` is each token's sequence
+    log-ratio, so every ratio metric is about the sequence ratios.
+
+    Clip modes (TRL's ``clip_ratio/low_mean``, ``high_mean``, ``region_mean``):
+    ``clipfrac_low`` counts tokens with ``r < 1 - eps_low`` and ``A < 0``,
+    ``clipfrac_high`` those with ``r > 1 + eps_high`` and ``A > 0`` (where the
+    clip is active and the token's gradient is cut), ``clipfrac`` either; without
+    ``adv`` the sign condition is dropped. With ``dual_clip_c`` and ``adv``,
+    ``dual_clipfrac`` is verl's ``pg_clipfrac_lower`` (A < 0 tokens whose loss
+    is capped at ``-dual_clip_c * A``).
+    """
+    delta = delta.detach().float()
+    n = active.sum().clamp(min=1).float()
+    out = {"kl_old": _mean(-delta, active, n)}
+    neg_inf = torch.full_like(delta, float("-inf"))
+    any_active = active.any()
+    dmax = torch.where(active, delta, neg_inf).max() if delta.numel() else delta.new_zeros(())
+    dmin = (-torch.where(active, -delta, neg_inf).max()) if delta.numel() else delta.new_zeros(())
+    out["ratio_max"] = torch.where(any_active, dmax, torch.zeros_like(dmax)).exp()
+    out["ratio_min"] = torch.where(any_active, dmin, torch.zeros_like(dmin)).exp()
+    if isinstance(cfg, MHPOConfig):
+        psi = lfm(delta, cfg)
+        zeta = dhp(psi, cfg)
+        survival = torch.exp(-zeta)
+        out["psi_mean"] = _mean(psi, active, n)
+        out["zeta_mean"] = _mean(zeta, active, n)
+        out["survival_mean"] = _mean(survival, active, n)
+        out["low_survival_frac"] = _mean((survival < 0.5).float(), active, n)
+    elif isinstance(cfg, ClipConfig):
+        r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
+        out.update(_clip_fractions(r, cfg, adv, active, n))
+        if cfg.dual_clip_c is not None and adv is not None:
+            adv = adv.detach().float()
+            unclipped = r if cfg.delta is None else r.clamp(max=cfg.delta)
+            loss = torch.maximum(-unclipped * adv, -r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
+            out["dual_clipfrac"] = _mean(((adv < 0) & (loss > -cfg.dual_clip_c * adv)).float(), active, n)
+    elif isinstance(cfg, GSPOConfig):
+        r = torch.exp(delta.clamp(max=GSPO_LOG_RATIO_LIMIT))
+        out.update(_clip_fractions(r, cfg, adv, active, n))
+    if entropy is not None:
+        out["entropy_mean"] = _mean(entropy.detach().float(), active, n)
+    if kl is not None:
+        out["kl_ref"] = _mean(kl.detach().float(), active, n)
+    return out

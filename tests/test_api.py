@@ -75,7 +75,7 @@ def test_bad_ids(backend, case):
     with pytest.raises(exc, match=msg):
         mk.mhpo_loss(logits, **a, backend=backend)
     assert logits.grad is None
-    if backend != "torch":  # the caller vouches for the ids: no check, no host sync
+    if backend != "reference":  # the caller vouches for the ids: no check, no host sync
         out = mk.mhpo_loss(logits, **a, backend=backend, check_ids=False)
         assert out.logprobs.reshape(-1)[8] == 0 and torch.isfinite(out.loss)
 
@@ -102,7 +102,7 @@ def test_config_validation():
 
 
 def test_backend_resolution(monkeypatch):
-    assert mk.available_backends("cpu")[-1] == "torch"
+    assert mk.available_backends("cpu")[-1] == "reference"
     with pytest.raises(RuntimeError, match="not available"):
         backends.resolve("cuda", torch.device("cpu"))
     monkeypatch.setenv("MHPO_BACKEND", "torch")
@@ -119,8 +119,8 @@ def test_float64_needs_reference(backend):
 def test_advantages_per_sequence_broadcast():
     a, _ = args("torch")
     per_seq = torch.tensor([0.5, -1.5], device=DEVICE)
-    full = mk.mhpo_loss(**{**a, "advantages": per_seq[:, None].expand(2, 5)}, backend="torch")
-    bcast = mk.mhpo_loss(**{**a, "advantages": per_seq}, backend="torch")
+    full = mk.mhpo_loss(**{**a, "advantages": per_seq[:, None].expand(2, 5)}, backend="reference")
+    bcast = mk.mhpo_loss(**{**a, "advantages": per_seq}, backend="reference")
     assert torch.equal(full.loss, bcast.loss)
 
 
@@ -144,7 +144,7 @@ def test_compile_fullgraph_matches_eager(backend, no_poison):
 
 
 # "name", not "backend": the work runs in a subprocess, where the in-process device audit sees nothing
-@pytest.mark.parametrize("name", ["auto"] + [b for b in mk.available_backends("cpu") if b != "torch"])
+@pytest.mark.parametrize("name", ["auto"] + [b for b in mk.available_backends("cpu") if b != "reference"])
 def test_compile_first_call_in_a_fresh_process(name):
     """torch.compile(fullgraph=True) of a process's very first mhpo_loss call: no backend may be
     loaded inside the trace (importlib is not traceable, so fullgraph would fail)."""
@@ -169,7 +169,7 @@ def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):
     a, _ = args(backend, V=37, shape=(3, 7))
     logits = a.pop("logits")
     want = logits.clone().requires_grad_()
-    mk.mhpo_loss(want, **a, backend="torch").loss.backward()
+    mk.mhpo_loss(want, **a, backend="reference").loss.backward()
     mk.mhpo_loss(logits, **a, backend=backend)  # a native extension loads outside the trace
     f = torch.compile(lambda z: mk.mhpo_loss(z, **a, backend=backend, inplace_backward=True).loss, fullgraph=True)
     z = logits.clone().requires_grad_()
@@ -207,7 +207,7 @@ def test_ref_without_beta_only_feeds_the_metric(backend):
     far = ref + 200.0  # exp(ref - logp) overflows fp32
     z = a.pop("logits").clone().requires_grad_()
     out = mk.mhpo_loss(z, **a, ref_logprobs=far, beta=0.0, backend=backend)
-    want = mk.mhpo_loss(z.detach(), **a, backend="torch")
+    want = mk.mhpo_loss(z.detach(), **a, backend="reference")
     out.loss.backward()
     assert torch.isfinite(out.loss) and torch.isfinite(z.grad).all()
     assert_close(out.loss, want.loss, 2e-5, 2e-5, "loss")

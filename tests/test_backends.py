@@ -24,7 +24,7 @@ def test_expected_backends_available():
     missing = [b for b in expected if b not in mk.available_backends(device_for(b))]
     assert not missing, f"backends {missing} not available; have {FUSED}"
     assert all(b in mk.available_backends(device_for(b)) for b in FUSED)
-    assert mk.available_backends("cpu")[-1] == "torch"
+    assert mk.available_backends("cpu")[-1] == "reference"
 
 
 def run(backend, case, *, beta=0.0, upstream_seed=0, inplace_backward=False, return_entropy=True, **kw):
@@ -44,7 +44,7 @@ def check_against_reference(backend, case, dtype, **kw):
     out, grad = run(backend, case, **kw)
     ref_case = tuple(None if t is None else (t.double() if t.is_floating_point() else t) for t in case)
     kw.pop("inplace_backward", None)
-    want, want_grad = run("torch", ref_case, **kw)
+    want, want_grad = run("reference", ref_case, **kw)
     assert out.loss.dtype == torch.float32
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
     assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
@@ -123,8 +123,8 @@ def test_extreme_log_ratios(backend, shift, config):
     out, grad = run(backend, (logits, ids, old, adv, mask, ref), config=config, beta=0.1)
     assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
     assert all(torch.isfinite(v) for k, v in out.metrics.items() if not k.startswith("ratio_"))
-    if backend != "torch":
-        want, want_grad = run("torch", (logits, ids, old, adv, mask, ref), config=config, beta=0.1)
+    if backend != "reference":
+        want, want_grad = run("reference", (logits, ids, old, adv, mask, ref), config=config, beta=0.1)
         assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
         assert_close(grad, want_grad, *TOL[torch.float32], "grad")
 
@@ -164,7 +164,7 @@ def test_noncontiguous_and_strided_logits(backend):
     wide[:, :129] = logits
     strided = wide[:, :129]  # row stride 200, unit stride along V: used as is
     transposed = logits.t().contiguous().t()  # V not unit-stride: copied
-    want, want_grad = run("torch", (logits, ids, old, adv, mask, ref), beta=0.1)
+    want, want_grad = run("reference", (logits, ids, old, adv, mask, ref), beta=0.1)
     for z in (strided, transposed):
         out, grad = run(backend, (z, ids, old, adv, mask, ref), beta=0.1)
         assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
@@ -185,6 +185,6 @@ def test_int64_row_offsets(backend):
     old = torch.full((3,), -4.0, device=dev)
     adv = torch.tensor([1.0, -0.5, 2.0], device=dev)
     out, grad = run(backend, (logits, ids, old, adv, None, None))
-    want, want_grad = run("torch", (logits.clone().double(), ids, old, adv, None, None))
+    want, want_grad = run("reference", (logits.clone().double(), ids, old, adv, None, None))
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
     assert_close(grad, want_grad, *TOL[torch.bfloat16], "grad")

@@ -34,7 +34,7 @@ def nan_poison():
 
 
 def test_bench_utils_quantiles_and_memory():
-    from mhpo_kernels import _bench_utils as bu
+    from mhpo_kernels.tools import bench_utils as bu
 
     assert bu.quantiles([3.0, 1.0, 2.0]) == [1.4, 2.0, 2.6]
     x = bu.make_policy_inputs(8, 33, torch.bfloat16, "cpu")

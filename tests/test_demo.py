@@ -8,7 +8,9 @@ import pytest
 import torch
 
 import mhpo_kernels as mk
-from mhpo_kernels import _bench_utils, demo, fused_linear
+from mhpo_kernels import fused_linear
+from mhpo_kernels.tools import bench_utils as _bench_utils
+from mhpo_kernels.tools import demo
 
 
 def test_demo_smoke(tmp_path):

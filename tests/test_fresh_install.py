@@ -9,7 +9,8 @@ import tarfile
 import pytest
 import torch
 
-from mhpo_kernels import __version__, backends, check
+from mhpo_kernels import __version__, backends
+from mhpo_kernels.tools import check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CPU = torch.device("cpu")
@@ -216,7 +217,7 @@ def test_check_source_installed(tmp_path):
 
 
 def test_check_prints_version_when_installed(monkeypatch, tmp_path, capsys):
-    from mhpo_kernels import _bench_utils
+    from mhpo_kernels.tools import bench_utils as _bench_utils
 
     monkeypatch.setattr(_bench_utils, "ROOT", str(tmp_path))  # where an installed package lives: no checkout
     monkeypatch.setattr(check, "_cases", lambda quick, large: [])

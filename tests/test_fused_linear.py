@@ -60,7 +60,7 @@ def run(fn, case, *, upstream_seed=0, return_entropy=True, beta=0.0, unit_upstre
         backend = common.pop("backend", "auto")
         logits = F.linear(h, w, b)
         if logits.dtype == torch.float64:
-            backend = "torch"
+            backend = "reference"
         out = mk.policy_loss(logits, ids, old, adv, mask, ratio_control=ctrl, backend=backend, **common)
     g = torch.Generator().manual_seed(upstream_seed)
     scale = 1.0 if unit_upstream else 1 + torch.rand((), generator=g).item()
@@ -83,7 +83,7 @@ def rel_err(actual, expected):
 def check(backend, case, dtype, **kw):
     """fp32: tight against float64. bf16: the fused error is at most about the unfused same-dtype error."""
     out, grads = run("fused", case, backend=backend, **kw)
-    want, want_grads = run("unfused", f64(case), backend="torch", **kw)
+    want, want_grads = run("unfused", f64(case), backend="reference", **kw)
     assert out.loss.dtype == torch.float32 and out.logprobs.dtype == torch.float32
     names = ("grad_hidden", "grad_weight", "grad_bias")
     if dtype == torch.float32:
@@ -172,7 +172,7 @@ def test_no_grad_frozen_and_empty(backend):
     with torch.no_grad():
         out = mk.fused_linear_mhpo_loss(hidden.requires_grad_(), weight, ids, old, adv, mask, bias=bias,
                                         backend=backend, chunk_size=8)
-    want = mk.mhpo_loss(F.linear(hidden, weight, bias), ids, old, adv, mask, backend="torch")
+    want = mk.mhpo_loss(F.linear(hidden, weight, bias), ids, old, adv, mask, backend="reference")
     assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
     # frozen lm_head: only the hidden states get a gradient
@@ -222,7 +222,7 @@ def test_module_matches_function(backend):
     h = hidden.clone().requires_grad_()
     out = loss_fn(h, ids, old, adv, mask, temperature=0.7)
     out.loss.backward()
-    (want, (gh, gw, gb)) = run("unfused", (hidden, weight, bias, ids, old, adv, mask, None), backend="torch",
+    (want, (gh, gw, gb)) = run("unfused", (hidden, weight, bias, ids, old, adv, mask, None), backend="reference",
                                ratio_control=mk.ClipConfig(), loss_agg_mode="seq-mean-token-sum",
                                temperature=0.7, return_entropy=False, unit_upstream=True)
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
@@ -282,7 +282,7 @@ def test_fsdp_single_process_gloo(wrapper, backend, tmp_path):
             gw, gb = gw.full_tensor(), gb.full_tensor()
     finally:
         dist.destroy_process_group()
-    want, (wh, ww, wb) = run("unfused", (hidden, weight, bias, ids, old, adv, mask, None), backend="torch",
+    want, (wh, ww, wb) = run("unfused", (hidden, weight, bias, ids, old, adv, mask, None), backend="reference",
                              return_entropy=False, unit_upstream=True)
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
     assert_close(h.grad, wh, *TOL[torch.float32], "hidden")

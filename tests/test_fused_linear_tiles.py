@@ -113,7 +113,7 @@ NAMES = ("grad_hidden", "grad_weight", "grad_bias", "grad_ref_hidden", "grad_ref
 def check(backend, case, dtype, **kw):
     """fp32: tight against float64; bf16: within 2x the eager bf16 (F.linear + reference) error."""
     out, grads = run(case, fused=True, backend=backend, **kw)
-    want, want_grads = run(case, fused=False, backend="torch", to=torch.float64, **kw)
+    want, want_grads = run(case, fused=False, backend="reference", to=torch.float64, **kw)
     assert len(grads) == len(want_grads)
     if dtype == torch.float32:
         assert_close(out.loss, want.loss, *SCALAR_TOL, "loss", floor=1e-2)
@@ -126,7 +126,7 @@ def check(backend, case, dtype, **kw):
                 assert a.dtype == dtype, name
                 assert_close(a, e, *TOL[dtype], name)
     else:
-        eager, eager_grads = run(case, fused=False, backend="torch", **kw)
+        eager, eager_grads = run(case, fused=False, backend="reference", **kw)
         atol = TOL[dtype][0]
         for name, a, n, e in [("loss", out.loss, eager.loss, want.loss),
                               ("logprobs", out.logprobs, eager.logprobs, want.logprobs)] + list(
@@ -226,7 +226,7 @@ def test_tilings_agree(backend, rows, cols):
     case = make_case(37, torch.float32, backend=backend, seed=9, bias=True)
     kw = dict(loss_agg_mode="seq-mean-token-sum", temperature=0.9)
     out, grads = run(case, fused=True, backend=backend, chunk_size=rows, vocab_chunk_size=cols, **kw)
-    want, want_grads = run(case, fused=False, backend="torch", to=torch.float64, **kw)
+    want, want_grads = run(case, fused=False, backend="reference", to=torch.float64, **kw)
     assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
     assert_close(out.entropy, want.entropy, *SCALAR_TOL, "entropy")
     for name, a, e in zip(NAMES, grads, want_grads):
@@ -268,7 +268,7 @@ def test_weight_gradient_precision_bf16(monkeypatch, gemm):
 
 _MEMORY_SCRIPT = textwrap.dedent("""
     import ctypes, json, sys, torch, mhpo_kernels as mk
-    from mhpo_kernels._bench_utils import PeakMemory
+    from mhpo_kernels.tools.bench_utils import PeakMemory
     N, V, H, rows, cols = (int(a) if a != "None" else None for a in sys.argv[1:6])
     dtype, variants = getattr(torch, sys.argv[6]), sys.argv[7].split(",")
     g = torch.Generator().manual_seed(0)

@@ -26,7 +26,7 @@ from mhpo_kernels.config import MODE_NONE, MODE_SAPO, ClipConfig, MHPOConfig, SA
 from conftest import SCALAR_TOL, TOL, assert_close
 
 try:
-    from mhpo_kernels import _native
+    from mhpo_kernels.backends import native as _native
 
     _native.backend("cpu")
     HAVE_CPU = True

@@ -95,7 +95,7 @@ def test_mode_vs_reference(backend, mode, shape):
     case = case_for(shape, (127, 1031)[(i // 7) % 2], dtype, seed=i, backend=backend, ratio_spread=0.5)
     out, grad = run(backend, case, mode=mode, upstream_seed=i, **kw)
     kw.pop("inplace_backward")
-    want, want_grad = run("torch", double(case), mode=mode, upstream_seed=i, **kw)
+    want, want_grad = run("reference", double(case), mode=mode, upstream_seed=i, **kw)
     check(out, grad, want, want_grad, dtype)
     if not kw["return_entropy"]:
         assert out.entropy is None and "entropy_mean" not in out.metrics
@@ -315,7 +315,7 @@ def test_many_tokens_no_grid_limit(backend):
     cu = torch.tensor([0, 1, 40_000, N], device=logits.device)
     old = lsm.gather(-1, ids[:, None])[:, 0].float() - 0.01
     grads = []
-    for b, x in ((backend, logits), ("torch", logits.double())):
+    for b, x in ((backend, logits), ("reference", logits.double())):
         z = x.clone().requires_grad_()
         mk.policy_loss(z, ids, old, torch.ones(N, device=logits.device), cu_seqlens=cu, backend=b,
                        ratio_control=mk.GSPOConfig(eps_low=0.2, eps_high=0.28),
@@ -734,4 +734,4 @@ def test_clip_gradient_same_on_every_path(path, r, A):
             mk.policy_loss(z, ids, old, adv, ratio_control=cfg, backend=b).loss.backward()
         return z.grad
 
-    assert_close(grad(path), grad("torch"), 1e-5, 1e-5, f"{path} vs torch")
+    assert_close(grad(path), grad("reference"), 1e-5, 1e-5, f"{path} vs reference")

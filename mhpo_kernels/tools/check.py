@@ -38,8 +38,8 @@ def source(root=None) -> str:
     An installed package (a wheel) has no commit; and a site-packages folder inside some
     other git repository (a venv in a project folder) must not report that repository's commit.
     """
-    from . import __version__
-    from ._bench_utils import ROOT, git_commit
+    from .. import __version__
+    from .bench_utils import ROOT, git_commit
 
     root = os.path.realpath(root or ROOT)
     try:
@@ -96,11 +96,11 @@ def _err(actual, expected, atol_rel, rtol):
 
 
 def _run_backend(mk, backend, logits, ids, old, adv, mask, ref, upstream, kw, device, timed=True):
-    from ._bench_utils import PeakMemory, sync
+    from .bench_utils import PeakMemory, sync
 
     x = logits.detach().clone().requires_grad_(True)
-    fn = mk.reference.mhpo_loss if backend == "torch" else mk.mhpo_loss
-    extra = {} if backend == "torch" else {"backend": backend}
+    fn = mk.reference.mhpo_loss if backend == "reference" else mk.mhpo_loss
+    extra = {} if backend == "reference" else {"backend": backend}
     def call():
         x.grad = None
         out = fn(x, ids, old, adv, mask, ref_logprobs=ref, **kw, **extra)
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
 
     import mhpo_kernels as mk
 
-    from ._bench_utils import env_info, fmt_bytes, table
-    from .backends import unavailable_reason
+    from .bench_utils import env_info, fmt_bytes, table
+    from ..backends import unavailable_reason
 
     info = env_info(device)
     avail = mk.available_backends(device)
@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     for ci, (label, shape, V, dtype, kw) in enumerate(_cases(args.quick, not args.no_large)):
         logits, ids, old, adv, mask, ref, up = _make(shape, V, dtype, device, ci, kw)
-        truth, gtruth, _, _ = _run_backend(mk, "torch", logits.double(), ids, old.double(), adv.double(),
+        truth, gtruth, _, _ = _run_backend(mk, "reference", logits.double(), ids, old.double(), adv.double(),
                                            mask.double(), None if ref is None else ref.double(), up, kw, device,
                                            timed=False)
         gtol = GRAD_TOL[dtype]

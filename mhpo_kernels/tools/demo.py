@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import mhpo_kernels as mk
-from . import backends
+from .. import backends
 
 DIGITS = list(range(15, 25))  # Qwen2's ids of "0".."9"
 
@@ -119,7 +119,7 @@ def memory_probe(kind):
     loss's buffers from pages training already touched, invisible to that mark, so
     ``release`` hands free memory back to the OS (``malloc_trim``).
     """
-    from ._bench_utils import PeakMemory
+    from .bench_utils import PeakMemory
 
     if kind == "cuda":
         return (lambda: PeakMemory("cuda")), (lambda: None)
@@ -159,7 +159,7 @@ def measure_loss_memory(lm_head, n_rows, n_cols, backend, g, kind=None, chunk_si
             if fused:
                 out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, backend=backend, chunk_size=chunk_size)
             else:
-                out = mk.mhpo_loss(nn.functional.linear(h, w), ids, old, adv, backend="torch")
+                out = mk.mhpo_loss(nn.functional.linear(h, w), ids, old, adv, backend="reference")
             out.loss.backward()
             del out
         peaks.append(pm.bytes)
@@ -335,7 +335,7 @@ def parse(argv):
                    "(default: the package's choice)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--backend", default="auto", choices=("auto", "triton", "cuda", "cpu", "torch"))
+    p.add_argument("--backend", default="auto", choices=backends.names())
     p.add_argument("--runs", default="mhpo,clip", help="comma list of mhpo, clip")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -366,7 +366,7 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in base.parameters())
     print(f"policy: {n_params / 1e6:.1f}M parameters, V={args.vocab}, hidden={args.hidden}, "
           f"layers={args.layers}, {args.dtype} on {device}; loss backend {backend!r}"
-          f"{' (reference: unfused)' if backend == 'torch' else ''}", file=sys.stderr)
+          f"{' (reference: unfused)' if backend == 'reference' else ''}", file=sys.stderr)
 
     warmup(base, task, args, g)
     configs = {"mhpo": mk.MHPOConfig(), "clip": mk.ClipConfig(eps_low=0.2, eps_high=0.2)}

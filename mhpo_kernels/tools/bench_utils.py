@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -239,10 +239,11 @@ def time_phases(fwd: Callable[[dict], torch.Tensor], input_sets: List[dict], dev
     return out
 
 
-def measure_peaks(fwd: Callable[[dict], torch.Tensor], inputs: dict, device, backward=True) -> Dict[str, int]:
-    """Peak extra bytes over the level after the inputs exist: for fwd, bwd and fwd+bwd.
+def measure_peaks(fwd: Callable[[dict], torch.Tensor], inputs: dict, device, backward=True):
+    """``(peaks, ms)``: peak extra bytes over the level after the inputs exist, for fwd, bwd and
+    fwd+bwd, and the wall-clock times of this (cold) call, syncs included.
 
-    All three are relative to the same baseline; "bwd" counts what the forward
+    All three peaks are relative to the same baseline; "bwd" counts what the forward
     saved for backward plus the backward's own buffers (the gradient included).
     """
     _clear_grads(inputs)
@@ -262,8 +263,7 @@ def measure_peaks(fwd: Callable[[dict], torch.Tensor], inputs: dict, device, bac
     if backward:
         out["fwd+bwd"] = max(out["fwd"], out["bwd"])
     _clear_grads(inputs)
-    measure_peaks.last_ms = ms  # wall-clock times of this (cold) call, incl. syncs
-    return out
+    return out, ms
 
 
 def copy_bandwidth_gbs(device, nbytes: int = 1 << 30, repeats: int = 10) -> float:
@@ -317,7 +317,7 @@ def env_info(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from . import __version__
+    from .. import __version__
 
     device = torch.device(device)
     return {
