@@ -290,11 +290,11 @@ def run(op, argv=None) -> List[dict]:
     if args.out:
         write_rows(rows, args.out, op.OP)
     print()
-    print(summary(rows, notes=notes, missing=missing))
+    print(summary(rows, notes=notes))
     goals = getattr(op, "goals", None)
     if goals:
         print(goals(rows))
-    run.last_notes = list(notes) + ([missing] if missing else [])
+    run.last_notes = list(notes)
     return rows
 
 
@@ -360,7 +360,7 @@ def _f(x, fmt):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
-def summary(rows: List[dict], notes=(), missing=None) -> str:
+def summary(rows: List[dict], notes=()) -> str:
     """The summary table (Markdown), one line per measured row, skipped / failed variants listed below."""
     lines = []
     groups = {}
@@ -386,8 +386,6 @@ def summary(rows: List[dict], notes=(), missing=None) -> str:
                                      "achieved (of copy bw)", "vs eager", "vs compiled"]))
         if bad:
             lines.append("\nnot measured: " + "; ".join(bad))
-    if missing:
-        lines.append(f"\n{missing}")
     for n in notes:
         lines.append(f"- {n}")
     return "\n".join(lines)

@@ -1,5 +1,6 @@
 """What a new user meets on a fresh machine: the build's torch and CUDA decisions (setup.py),
 the package metadata, why a backend is unavailable, and ``check``'s provenance line."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -140,20 +141,17 @@ def fresh_backends(monkeypatch):
     return monkeypatch
 
 
-def _failing_import(missing):
-    real = backends._import
+def _failing_triton_row(missing):
+    """The registry's triton row with a loader that fails as an import of ``missing`` would."""
+    def load():
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
 
-    def fake(name):
-        if name == "triton":
-            raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
-        return real(name)
-
-    return fake
+    return dataclasses.replace(backends.REGISTRY["triton"], load=load)
 
 
 def test_triton_hint_names_missing_numpy(fresh_backends):
     """Without numpy Triton's interpreter cannot load: the hint says so instead of blaming TRITON_INTERPRET."""
-    fresh_backends.setattr(backends, "_import", _failing_import("numpy"))
+    fresh_backends.setitem(backends.REGISTRY, "triton", _failing_triton_row("numpy"))
     fresh_backends.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(RuntimeError) as e:
         backends.resolve("triton", CPU)
@@ -163,7 +161,7 @@ def test_triton_hint_names_missing_numpy(fresh_backends):
 
 
 def test_triton_hint_names_missing_triton(fresh_backends):
-    fresh_backends.setattr(backends, "_import", _failing_import("triton"))
+    fresh_backends.setitem(backends.REGISTRY, "triton", _failing_triton_row("triton"))
     with pytest.raises(RuntimeError, match=r"\(Triton is not installed \(pip install triton\)\)"):
         backends.resolve("triton", CPU)
 
