@@ -231,8 +231,10 @@ def _run_subprocess(op, args, argv, variant: Variant, shapes: List[Shape]) -> Li
 # ----------------------------------------------------------------------------- the run
 
 
-def run(op, argv=None) -> List[dict]:
-    """Parse the CLI, measure every variant at every shape, write rows, print the summary."""
+def run(op, argv=None, notes_out: Optional[list] = None) -> List[dict]:
+    """Parse the CLI, measure every variant at every shape, write rows, print the summary.
+
+    ``notes_out``: a list that receives the run's notes (what was skipped and why)."""
     parser = op.parser()
     args = parser.parse_args(argv)
     if args.worker:
@@ -294,7 +296,8 @@ def run(op, argv=None) -> List[dict]:
     goals = getattr(op, "goals", None)
     if goals:
         print(goals(rows))
-    run.last_notes = list(notes)
+    if notes_out is not None:
+        notes_out.extend(notes)
     return rows
 
 

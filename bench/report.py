@@ -64,7 +64,7 @@ def plan(device: str, quick: bool, N, V, Hd, dtype):
         ("mhpo_loss", common + ["--N", "1024", "--V", "16384", "65536", str(V), "--modes", "fwd+bwd",
                                 "--repeats", "2", "--peers", "compile"] + slow),
         ("token_logprobs", common + ["--N", str(N), "--V", str(V), "--modes", "fwd+bwd", "--repeats", "2"] + slow),
-        # N / 4: the lm_head matmuls take ~20 s per call at N=4096 here; issue 5's full shape is
+        # N / 4: the lm_head matmuls take ~20 s per call at N=4096 here; the full shape is
         # python bench/bench_fused_linear.py --N 4096 --V 151936 --H 512 --modes fwd+bwd --repeats 1 ...
         ("fused_linear", common + ["--N", str(max(N // 4, 1)), "--V", str(V), "--H", str(Hd), "--modes", "fwd+bwd",
                                    "--repeats", "1"] + slow),
@@ -139,11 +139,11 @@ def main(argv=None) -> int:
         if a.no_subprocess:
             argv_op = argv_op + ["--no-subprocess"]
         print(f"\n## {key}: python bench/{op.__name__}.py {' '.join(argv_op)}", flush=True)
-        H.run.last_notes = []
-        r = H.run(op, argv_op)
+        notes = []
+        r = H.run(op, argv_op, notes_out=notes)
         rows += r
         goals = op.goals(r) if hasattr(op, "goals") else ""
-        sections.append((key, argv_op, r, H.run.last_notes, goals))
+        sections.append((key, argv_op, r, notes, goals))
     os.makedirs(a.out, exist_ok=True)
     H.write_rows(rows, a.out, slug)
     pngs = [] if a.no_plots else plots.plot_rows(rows, a.out, prefix=slug + "-")
