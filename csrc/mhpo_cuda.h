@@ -7,10 +7,12 @@
 
 #include <cstdint>
 
+#include "mhpo_constants.h"
+
 namespace mhpo::cuda {
 
 struct FwdArgs {
-  const void* logits;  // [N, V], dtype 0 = fp32, 1 = bf16, 2 = fp16
+  const void* logits;  // [N, V], dtype: a DType (DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16)
   int64_t row_stride;  // elements
   int64_t N;
   int32_t V;
@@ -19,7 +21,7 @@ struct FwdArgs {
   const float *old, *adv, *mask, *ref;  // ref may be null
   float *logp, *entropy, *lse, *loss, *coef;  // entropy null when not wanted
   int32_t mode;
-  float params[8];
+  float params[KERNEL_PARAMS];
   float beta, temperature;
   int64_t ignore_index;
   int64_t vocab_start;  // the buffer holds vocabulary ids [vocab_start, vocab_start + V)

@@ -17,12 +17,12 @@ namespace mhpo {
 using at::Tensor;
 using FwdOut = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// 0 = fp32, 1 = bf16, 2 = fp16 (csrc/cpu/rows.h DType and the CUDA launcher agree).
+// The logits' DType (mhpo_constants.h; csrc/cpu/rows.h and the CUDA launcher read the same).
 inline int dtype_code(const Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return 0;
-    case at::kBFloat16: return 1;
-    case at::kHalf: return 2;
+    case at::kFloat: return DTYPE_FLOAT32;
+    case at::kBFloat16: return DTYPE_BFLOAT16;
+    case at::kHalf: return DTYPE_FLOAT16;
     default: TORCH_CHECK(false, "mhpo_kernels_C: logits must be float32, bfloat16 or float16, got ", t.scalar_type());
   }
   return -1;
@@ -59,7 +59,7 @@ inline void check_fwd(const Tensor& logits, const Tensor& target, const Tensor& 
   if (ref.has_value()) check_row("ref", *ref, logits, at::kFloat);
   TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_SAPO, "mhpo_kernels_C: unknown mode ", mode, " (expected ",
               static_cast<int>(MODE_NONE), " to ", static_cast<int>(MODE_SAPO), ")");
-  TORCH_CHECK(params.size() == kNumParams, "mhpo_kernels_C: params must have ", kNumParams, " values, got ",
+  TORCH_CHECK(params.size() == KERNEL_PARAMS, "mhpo_kernels_C: params must have ", KERNEL_PARAMS, " values, got ",
               params.size());
   TORCH_CHECK(temperature > 0, "mhpo_kernels_C: temperature must be > 0, got ", temperature);
 }
@@ -88,7 +88,7 @@ inline void check_bwd(const Tensor& logits, const Tensor& target, const Tensor& 
 }
 
 inline void params_to_float(c10::ArrayRef<double> params, float* p) {
-  for (int i = 0; i < kNumParams; ++i) p[i] = static_cast<float>(params[i]);
+  for (int i = 0; i < KERNEL_PARAMS; ++i) p[i] = static_cast<float>(params[i]);
 }
 
 // (logp, entropy, lse, loss, coef): [N] fp32 each; entropy is [0] when not wanted.

@@ -10,9 +10,9 @@ reads the bad-input record once (the only host sync; none with
 a tensor (``scale``) and the entropy's per-token gradient, with no autograd
 arithmetic around it and no zeros for outputs nobody differentiates.
 
-Layouts shared with ``csrc/mhpo_finish.h`` and ``triton_kernels/finish.py``:
-the mode ids (``config.MODE_*`` + ``MODE_GSPO``), the aggregation ids and the
-metric slots below.
+The mode ids, aggregation ids, metric slots and bad-input kinds it shares with
+``csrc/mhpo_finish.h`` and ``triton_kernels/finish.py`` are defined in
+:mod:`mhpo_kernels._constants`.
 """
 from __future__ import annotations
 
@@ -20,13 +20,8 @@ from typing import Optional
 
 from torch import Tensor
 
+from ._constants import AGG_IDS, BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO  # noqa: F401
 from .config import ClipConfig, GSPOConfig, MHPOConfig
-
-MODE_GSPO = 4  # finish only: GSPO's clip of the sequence log-ratio (clamped at max=10)
-AGG_IDS = {"token-mean": 0, "seq-mean-token-mean": 1, "seq-mean-token-sum": 2, "seq-mean-token-sum-norm": 3}
-METRICS = ("kl_old", "ratio_max", "ratio_min", "psi_mean", "zeta_mean", "survival_mean", "low_survival_frac",
-           "clipfrac_low", "clipfrac_high", "clipfrac", "dual_clipfrac", "entropy_mean", "kl_ref")
-BAD_NONE, BAD_TARGET, BAD_CU_SEQLENS = 0, 1, 2
 
 
 def finish_mode(cfg) -> int:

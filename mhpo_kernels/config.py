@@ -3,29 +3,24 @@
 Each config is a frozen, validated dataclass. Every token-level config maps to
 one kernel epilogue: ``kernel_mode`` names the branch compiled into the fused
 kernels and ``kernel_params()`` packs its scalars into a fixed-length tuple
-(the layout is documented on each method, and mirrored by every backend).
+(``_constants.PARAM_LAYOUT`` names its slots; every backend reads that layout).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+# the epilogue ids, the parameter layout and the limits every backend shares (the limits: re-exported)
+from ._constants import (
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_CLIP, MODE_GSPO, MODE_MHPO, MODE_NONE, MODE_SAPO,  # noqa: F401
+    PARAM_LAYOUT,
+)
+
 __all__ = [
     "MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "RATIO_CONTROLS", "IS_LEVELS", "resolve_ratio_control",
     "KERNEL_PARAMS", "MODE_NONE", "MODE_MHPO", "MODE_CLIP", "MODE_SAPO",
 ]
 
-# Epilogue ids shared by every backend (triton_kernels, csrc). Keep in sync.
-MODE_NONE = 0  # log-probs (and entropy) only, no per-token loss
-MODE_MHPO = 1
-MODE_CLIP = 2
-MODE_SAPO = 3
-KERNEL_PARAMS = 8  # length of every kernel_params() tuple
-
-# exp(20) ~ 4.85e8: the log-ratio clamp verl applies in its clip loss.
-CLIP_LOG_RATIO_LIMIT = 20.0
-# verl's compute_policy_loss_gspo clamps the sequence log-ratio at max=10 (no lower clamp).
-GSPO_LOG_RATIO_LIMIT = 10.0
 IS_LEVELS = ("token", "sequence")  # importance_sampling_level, TRL's name
 
 
@@ -34,8 +29,15 @@ def _positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _pad(values: tuple) -> tuple:
-    return tuple(float(v) for v in values) + (0.0,) * (KERNEL_PARAMS - len(values))
+def _pack(mode: int, **named) -> tuple:
+    """The KERNEL_PARAMS floats of ``mode``, each value in its slot of ``PARAM_LAYOUT[mode]``."""
+    layout = PARAM_LAYOUT[mode]
+    assert set(named) == set(layout), (sorted(named), layout)
+    return tuple(float(named[k]) for k in layout) + (0.0,) * (KERNEL_PARAMS - len(layout))
+
+
+def _unpack(mode: int, params) -> dict:
+    return dict(zip(PARAM_LAYOUT[mode], (float(v) for v in params)))
 
 
 @dataclass(frozen=True)
@@ -70,8 +72,9 @@ class MHPOConfig:
     kernel_mode = MODE_MHPO
 
     def kernel_params(self) -> tuple:
-        """(c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp, 0)."""
-        return _pad((self.c, self.k_pos, self.lam_pos, self.k_neg, self.lam_neg, self.use_lfm, self.use_dhp))
+        """(c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use_dhp, 0): ``PARAM_LAYOUT[MODE_MHPO]``."""
+        return _pack(MODE_MHPO, c=self.c, k_pos=self.k_pos, lam_pos=self.lam_pos, k_neg=self.k_neg,
+                     lam_neg=self.lam_neg, use_lfm=self.use_lfm, use_dhp=self.use_dhp)
 
 
 @dataclass(frozen=True)
@@ -106,8 +109,10 @@ class ClipConfig:
     kernel_mode = MODE_CLIP
 
     def kernel_params(self) -> tuple:
-        """(eps_low, eps_high, dual_clip_c or 0, delta or 0)."""
-        return _pad((self.eps_low, self.eps_high, self.dual_clip_c or 0.0, self.delta or 0.0))
+        """(eps_low, eps_high, dual_clip_c or 0, delta or 0): ``PARAM_LAYOUT[MODE_CLIP]``
+        (``delta``'s slot is named ``ratio_cap`` there)."""
+        return _pack(MODE_CLIP, eps_low=self.eps_low, eps_high=self.eps_high, dual_clip_c=self.dual_clip_c or 0.0,
+                     ratio_cap=self.delta or 0.0)
 
 
 @dataclass(frozen=True)
@@ -125,8 +130,8 @@ class SAPOConfig:
     kernel_mode = MODE_SAPO
 
     def kernel_params(self) -> tuple:
-        """(tau_pos, tau_neg)."""
-        return _pad((self.tau_pos, self.tau_neg))
+        """(tau_pos, tau_neg): ``PARAM_LAYOUT[MODE_SAPO]``."""
+        return _pack(MODE_SAPO, tau_pos=self.tau_pos, tau_neg=self.tau_neg)
 
 
 @dataclass(frozen=True)
@@ -158,8 +163,9 @@ class GSPOConfig:
     kernel_mode = MODE_NONE
 
     def kernel_params(self) -> tuple:
-        """(eps_low, eps_high); unused by the kernels (GSPO has no per-token epilogue)."""
-        return _pad((self.eps_low, self.eps_high))
+        """(eps_low, eps_high): ``PARAM_LAYOUT[MODE_GSPO]``, read by the finishing kernels only
+        (GSPO has no per-token epilogue in the pass over the logits)."""
+        return _pack(MODE_GSPO, eps_low=self.eps_low, eps_high=self.eps_high)
 
 
 RATIO_CONTROLS = (MHPOConfig, ClipConfig, SAPOConfig, GSPOConfig)
@@ -184,11 +190,15 @@ def resolve_ratio_control(ratio_control, importance_sampling_level):
 
 def from_kernel_params(mode: int, params) -> "MHPOConfig | ClipConfig | SAPOConfig":
     """The token-level config whose ``(kernel_mode, kernel_params())`` is ``(mode, params)``."""
-    p = [float(v) for v in params]
     if mode == MODE_MHPO:
-        return MHPOConfig(p[0], p[1], p[2], p[3], p[4], use_lfm=p[5] != 0, use_dhp=p[6] != 0)
+        q = _unpack(mode, params)
+        return MHPOConfig(q["c"], q["k_pos"], q["lam_pos"], q["k_neg"], q["lam_neg"], use_lfm=q["use_lfm"] != 0,
+                          use_dhp=q["use_dhp"] != 0)
     if mode == MODE_CLIP:
-        return ClipConfig(p[0], p[1], dual_clip_c=p[2] or None, delta=p[3] or None)
+        q = _unpack(mode, params)
+        return ClipConfig(q["eps_low"], q["eps_high"], dual_clip_c=q["dual_clip_c"] or None,
+                          delta=q["ratio_cap"] or None)
     if mode == MODE_SAPO:
-        return SAPOConfig(p[0], p[1])
+        q = _unpack(mode, params)
+        return SAPOConfig(q["tau_pos"], q["tau_neg"])
     raise ValueError(f"no token-level config for kernel mode {mode}")

@@ -1,15 +1,18 @@
-"""Per-token epilogues, shared by the fused forward kernel. Scalar fp32 math.
+"""Per-token epilogues, shared by the fused forward kernel and the finishing kernel. Scalar fp32 math.
 
-Each ``*_token`` returns ``(loss, coef)`` with ``coef = d loss / d logp``.
-Mode ids and parameter layouts: ``mhpo_kernels.config``.
+Each ``*_token`` returns ``(loss, coef)`` with ``coef = d loss / d logp``; its parameters after
+``(delta, adv)`` carry the names of ``mhpo_kernels._constants.PARAM_LAYOUT``, in that order. The
+C++ / CUDA twin is ``csrc/mhpo_epilogue.h``: the same formulas, except where noted below.
 """
 import triton
 import triton.language as tl
 
+from .constants import K3_SERIES_BELOW, TANH_SERIES_BELOW
+
 
 @triton.jit
 def _log1p(y):
-    # log(1 + y) accurate for tiny y (Goldberg): u = 1 + y rounded, then correct.
+    # log(1 + y) accurate for tiny y (Goldberg): u = 1 + y rounded, then correct. (C++: log1pf.)
     u = 1.0 + y
     return tl.where(u == 1.0, y, tl.log(u) * (y / tl.where(u == 1.0, 1.0, u - 1.0)))
 
@@ -21,8 +24,8 @@ def _softplus(x):
 
 @triton.jit
 def _pow(base, k):
-    # base >= 0; 0 ** k = 0 for k > 0. The clamp is FLT_MIN: a smaller literal would be typed fp64
-    # by Triton and pull the whole epilogue into fp64
+    # base >= 0; 0 ** k = 0 for k > 0 (C++: powf). The clamp is FLT_MIN: a smaller literal would be
+    # typed fp64 by Triton and pull the whole epilogue into fp64
     return tl.where(base > 0.0, tl.exp(k * tl.log(tl.maximum(base, 1.1754943508222875e-38))), 0.0)
 
 
@@ -45,7 +48,7 @@ def mhpo_token_parts(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use
     u = delta / c
     t = tl.exp(-2.0 * tl.abs(u))
     th = (1.0 - t) / (1.0 + t)
-    th = tl.where(tl.abs(u) < 1e-3, u * (1.0 - u * u / 3.0), th)  # avoid 1 - t cancellation
+    th = tl.where(tl.abs(u) < TANH_SERIES_BELOW, u * (1.0 - u * u / 3.0), th)  # avoid 1 - t cancellation
     th = tl.where(u < 0, -tl.abs(th), tl.abs(th))
     lfm = use_lfm != 0.0
     psi = tl.where(lfm, c * th, delta)
@@ -58,13 +61,14 @@ def mhpo_token_parts(delta, adv, c, k_pos, lam_pos, k_neg, lam_neg, use_lfm, use
 
 
 @triton.jit
-def clip_token(delta, adv, eps_low, eps_high, dual_c, cap, LIMIT: tl.constexpr):
-    # verl's convention: r = exp(clamp(delta, -LIMIT, LIMIT))
-    inside = (delta >= -LIMIT) & (delta <= LIMIT)
-    r = tl.exp(tl.minimum(tl.maximum(delta, -LIMIT), LIMIT))
-    dr = tl.where(inside, r, 0.0)  # dr / dlogp
-    capped = (cap > 0.0) & (r > cap)  # TRL two-sided clipping caps the unclipped ratio
-    r1 = tl.where(capped, cap, r)
+def clip_token_limits(delta, adv, eps_low, eps_high, dual_clip_c, ratio_cap, LO: tl.constexpr, HI: tl.constexpr):
+    # verl's clip with the log-ratio clamped to [LO, HI] (clip: +-20; GSPO: (-inf, 10], its layout
+    # is the clip's prefix with dual_clip_c = ratio_cap = 0). Returns (loss, coef, the loss before
+    # the dual-clip cap, r): the finishing kernel's metrics want the last two
+    r = tl.exp(tl.minimum(tl.maximum(delta, LO), HI))
+    dr = tl.where((delta >= LO) & (delta <= HI), r, 0.0)  # dr / dlogp
+    capped = (ratio_cap > 0.0) & (r > ratio_cap)  # TRL two-sided clipping caps the unclipped ratio
+    r1 = tl.where(capped, ratio_cap, r)
     dr1 = tl.where(capped, 0.0, dr)
     r2 = tl.minimum(tl.maximum(r, 1.0 - eps_low), 1.0 + eps_high)
     dr2 = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), dr, 0.0)
@@ -75,10 +79,25 @@ def clip_token(delta, adv, eps_low, eps_high, dual_c, cap, LIMIT: tl.constexpr):
     # max / min split the gradient evenly on an exact tie, as torch.maximum / minimum do
     loss = tl.maximum(l1, l2)
     coef = tl.where(l1 > l2, c1, tl.where(l1 < l2, c2, 0.5 * (c1 + c2)))
-    cap = -dual_c * adv
-    dual = (dual_c > 0.0) & (adv < 0.0)
+    cap = -dual_clip_c * adv
+    dual = (dual_clip_c > 0.0) & (adv < 0.0)
     coef = tl.where(dual & (loss > cap), 0.0, tl.where(dual & (loss == cap), 0.5 * coef, coef))
-    return tl.where(dual, tl.minimum(loss, cap), loss), coef
+    return tl.where(dual, tl.minimum(loss, cap), loss), coef, loss, r
+
+
+@triton.jit
+def clip_token(delta, adv, eps_low, eps_high, dual_clip_c, ratio_cap, LIMIT: tl.constexpr):
+    # verl's convention: r = exp(clamp(delta, -LIMIT, LIMIT))
+    loss, coef, pre, r = clip_token_limits(delta, adv, eps_low, eps_high, dual_clip_c, ratio_cap, -LIMIT, LIMIT)
+    return loss, coef
+
+
+@triton.jit
+def clip_fracs(r, adv, pre, eps_low, eps_high, dual_clip_c):
+    # the clip metrics' indicators: clipped below, clipped above, capped by the dual clip
+    lo = (r < 1.0 - eps_low) & (adv < 0.0)
+    hi = (r > 1.0 + eps_high) & (adv > 0.0)
+    return lo, hi, (dual_clip_c > 0.0) & (adv < 0.0) & (pre > -dual_clip_c * adv)
 
 
 @triton.jit
@@ -87,5 +106,16 @@ def sapo_token(delta, adv, tau_pos, tau_neg, LIMIT: tl.constexpr):
     dr = tl.where(delta <= LIMIT, r, 0.0)
     tau = tl.where(adv > 0.0, tau_pos, tau_neg)
     s = _sigmoid(tau * (r - 1.0))
-    s_neg = _sigmoid(-tau * (r - 1.0))
+    s_neg = _sigmoid(-tau * (r - 1.0))  # (C++: the slope as e / (1 + e)^2, an ulp apart)
     return -(4.0 / tau) * s * adv, -adv * 4.0 * s * s_neg * dr
+
+
+@triton.jit
+def k3(d):
+    # the k3 KL estimator e^d - d - 1 and e^d - 1 (= -d k3 / d logp) at d = ref - logp; below
+    # |d| = K3_SERIES_BELOW both from k3's Taylor series (1 - e^d and e^d - d - 1 would cancel)
+    series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (1.0 / 720 + d * (
+        1.0 / 5040 + d / 40320.0))))))
+    small = tl.abs(d) < K3_SERIES_BELOW
+    em1 = tl.where(small, series + d, tl.exp(d) - 1.0)
+    return tl.where(small, series, em1 - d), em1

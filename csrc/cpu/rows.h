@@ -9,9 +9,11 @@
 
 #include <cstdint>
 
+#include "../mhpo_constants.h"
+
 namespace mhpo::cpu {
 
-enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+constexpr int kF32 = DTYPE_FLOAT32, kBF16 = DTYPE_BFLOAT16, kF16 = DTYPE_FLOAT16;
 
 // lse and entropy of one row x = row / T (entropy left untouched when !want_entropy).
 using FwdRowFn = void (*)(const void* row, int64_t V, int dtype, float T, bool want_entropy,
