@@ -156,6 +156,8 @@ def _native_extensions():
     cxx = ["-O3", "-fopenmp", "-Wno-psabi", "-fno-math-errno"]
     cpu_sources = [
         os.path.join(csrc, "mhpo_cpu.cpp"),
+        os.path.join(csrc, "mhpo_combine.cpp"),
+        os.path.join(csrc, "mhpo_fused_grad_plan.cpp"),
         os.path.join(csrc, "cpu", "rows_default.cpp"),
         os.path.join(csrc, "cpu", "rows_avx2.cpp"),
         os.path.join(csrc, "cpu", "rows_avx512.cpp"),
@@ -175,14 +177,16 @@ def _native_extensions():
     if want_cuda == "1" and no_cuda:
         raise RuntimeError(f"MHPO_BUILD_CUDA=1 but the CUDA extension cannot be built: {no_cuda}")
     if want_cuda != "0" and not no_cuda:
-        archs = [a.strip() for a in os.environ.get("MHPO_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+        spec = os.environ.get("MHPO_CUDA_ARCHS", "80;90").replace(",", ";")
+        archs = [a.strip() for a in spec.split(";") if a.strip()]
         gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
         gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX for newer GPUs
         exts.append(
             cpp_extension.CUDAExtension(
                 "mhpo_kernels._C_cuda",
                 [os.path.join(csrc, "mhpo_cuda_ops.cpp"), os.path.join(csrc, "mhpo_cuda.cu"),
-                 os.path.join(csrc, "mhpo_finish.cu")],
+                 os.path.join(csrc, "mhpo_finish.cu"), os.path.join(csrc, "mhpo_fused_grad_ops.cpp"),
+                 os.path.join(csrc, "mhpo_fused_grad.cu")],
                 include_dirs=[os.path.join(here, csrc)],
                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", *gencode]},
                 extra_link_args=_shared_libstdcxx_link_args(),
@@ -197,6 +201,16 @@ def _native_extensions():
 
 
 ext_modules, cmdclass = _native_extensions()
+
+TRITON_PACKAGE = "mhpo_kernels.triton_kernels"  # what the source folder triton_kernels/ installs as
+
+
+def _packages():
+    """mhpo_kernels and its subpackages, and the folder triton_kernels/ as ``TRITON_PACKAGE``
+    (``package_dir``; listed once even where a mhpo_kernels/triton_kernels folder exists)."""
+    own = [p for p in find_packages(include=["mhpo_kernels", "mhpo_kernels.*"])
+           if p != TRITON_PACKAGE and not p.startswith(TRITON_PACKAGE + ".")]
+    return own + [TRITON_PACKAGE] + [f"{TRITON_PACKAGE}.{p}" for p in find_packages("triton_kernels")]
 
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md"), encoding="utf-8") as _f:
     _readme = _f.read()
@@ -218,7 +232,10 @@ setup(
         "Programming Language :: C++",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],
-    packages=find_packages(include=["mhpo_kernels", "mhpo_kernels.*", "triton_kernels", "triton_kernels.*"]),
+    # triton_kernels/ installs inside our namespace, as mhpo_kernels.triton_kernels: a top-level
+    # triton_kernels would shadow triton-lang's kernel library (PyPI triton-kernels) of the same name
+    packages=_packages(),
+    package_dir={TRITON_PACKAGE: "triton_kernels"},
     python_requires=">=3.10",  # torch >= 2.11 has no wheels for older Pythons
     # numpy: torch warns on every import without it, and Triton's CPU interpreter needs it
     install_requires=[f"torch>={TORCH_MIN}", "numpy"],

@@ -115,11 +115,13 @@ rc = pytest.main(args)
 mods = {name: getattr(m, "__file__", None) for name, m in list(sys.modules.items())
         if name.split(".")[0] in ("mhpo_kernels", "triton_kernels")}
 outside = {n: f for n, f in mods.items() if f and not os.path.realpath(f).startswith(tmp + os.sep)}
-need = ["mhpo_kernels", "mhpo_kernels._C_cpu", "triton_kernels"] + (["mhpo_kernels._C_cuda"] if want_cuda else [])
+need = ["mhpo_kernels", "mhpo_kernels._C_cpu", "mhpo_kernels.triton_kernels"] + (["mhpo_kernels._C_cuda"] if want_cuda else [])
 missing = [n for n in need if not mods.get(n)]
+top = sorted(n for n in mods if n.split(".")[0] == "triton_kernels")  # triton-lang's name, never ours
 print(f"oldest-torch: the tests imported {len(mods)} package modules, e.g. {mods.get('mhpo_kernels._C_cpu')}")
-if outside or missing:
-    print(f"oldest-torch: FAILED: imported from outside {tmp}: {outside}; not imported: {missing}")
+if outside or missing or top:
+    print(f"oldest-torch: FAILED: imported from outside {tmp}: {outside}; not imported: {missing}; "
+          f"imported as a top-level triton_kernels: {top}")
     rc = rc or 1
 sys.exit(rc)
 EOF

@@ -4,6 +4,7 @@
 >>> out = mk.mhpo_loss(logits, target_ids, old_logprobs, advantages, mask)   # doctest: +SKIP
 >>> out.loss.backward()                                                      # doctest: +SKIP
 """
+from . import _checkout  # noqa: F401
 from . import reference
 from ._inputs import MHPOOutput
 from .api import mhpo_loss, policy_loss, policy_loss_from_logprobs, token_logprobs

@@ -20,7 +20,8 @@ CPU = torch.device("cpu")
 def _setup_py(args, tmp_path, env=None, pre=""):
     """Run ``setup.py args`` from the repository root in a fresh interpreter; ``pre`` runs first."""
     code = (f"import sys; {pre}\nsys.argv = ['setup.py', *{list(args)!r}]\n"
-            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), {'__name__': '__main__', '__file__': 'setup.py'})")
+            "exec(compile(open('setup.py').read(), 'setup.py', 'exec'), "
+            "{'__name__': '__main__', '__file__': 'setup.py'})")
     full_env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH", "MHPO_BUILD_CUDA",
                                                                   "MHPO_BUILD_NATIVE")}
     full_env.update(env or {})
@@ -179,7 +180,7 @@ def test_triton_hint_interpret_not_set(fresh_backends):
 def test_triton_interpret_set_after_import():
     """TRITON_INTERPRET=1 set after the kernels were imported: Triton built them for a GPU and a
     CPU launch fails with '0 active drivers'. The backend is unavailable on CPU and says why."""
-    code = ("import os, torch\nimport triton_kernels\nos.environ['TRITON_INTERPRET'] = '1'\n"
+    code = ("import os, torch\nimport mhpo_kernels.triton_kernels\nos.environ['TRITON_INTERPRET'] = '1'\n"
             "from mhpo_kernels import backends\nprint(backends.available_backends('cpu'))\n"
             "backends.resolve('triton', torch.device('cpu'))\n")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -208,7 +209,7 @@ def test_check_source_installed(tmp_path):
     site = tmp_path / "project" / ".venv" / "lib" / "site-packages"
     (site / "mhpo_kernels").mkdir(parents=True)
     assert check.source(str(site)) == f"{__version__} (installed package)"
-    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path / "project", capture_output=True, check=True)  # noqa
+    git = lambda *a: subprocess.run(["git", *a], cwd=tmp_path / "project", capture_output=True, check=True)
     git("init", "-q")
     git("-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q", "--allow-empty", "-m", "x")
     assert check.source(str(site)) == f"{__version__} (installed package)"

@@ -36,8 +36,23 @@ ignore_index, want_entropy, vocab_start=0) -> (logp, entropy, lse, loss, coef)``
   the logits dtype and may be ``logits`` itself (in-place backward: each element
   is read before it is written, by the same program).
 
+Optional (the forward that writes the gradient, :mod:`mhpo_kernels._fused_grad`; a backend
+without them runs the two-kernel path, e.g. ``tests/toy_backend.py``):
+``fwd_grad(logits, target, old, adv, ref, weight, mode, params, beta, temperature,
+ignore_index, want_entropy, ent_coef, grad) -> (logp, entropy, lse, loss, coef)``
+
+* ``fwd`` (``mode != MODE_NONE``, ``vocab_start = 0``) with ``weight`` ([N] float32, the
+  aggregation weight ``w``) in place of the mask: rows with ``w == 0`` are inactive;
+  the entropy is computed whenever ``ent_coef != 0`` (returned when ``want_entropy``).
+* writes ``grad[n, v]``, what ``bwd`` writes for ``dlogp = w * coef``,
+  ``dent = -ent_coef * w`` and no scale: the gradient of ``w * (loss - ent_coef * H)``.
+  ``grad`` is [N, V] in the logits dtype and may be ``logits`` itself.
+
+``scale_grad(grad, scale)``: ``grad *= scale`` unless the one float32 value ``scale`` (on
+the device) is 1, decided on the device (no host sync). Without it: an unconditional ``mul_``.
+
 ``finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len,
-mode, params, beta, seq_level, agg, ignore_index, num_classes, check)
+mode, params, beta, seq_level, agg, ignore_index, num_classes, check, agg_norm=None)
 -> (loss, dlogp, metrics, bad)``: the O(N) rest of the policy loss after ``fwd``
 (``MODE_NONE``), one launch, deterministic (fixed reduction order):
 
@@ -46,7 +61,9 @@ mode, params, beta, seq_level, agg, ignore_index, num_classes, check)
   sequences are ``cu_seqlens`` (``[S+1]`` int32 / int64 offsets) or, without it,
   ``num_seqs`` rows of ``seq_len`` tokens.
 * ``mode``: ``config.MODE_*`` or ``_finish.MODE_GSPO``; ``seq_level``: every active
-  token's log-ratio is its sequence's masked mean; ``agg``: ``_finish.AGG_IDS``.
+  token's log-ratio is its sequence's masked mean; ``agg``: ``_finish.AGG_IDS``;
+  ``agg_norm``: the 3 floats of ``_constants.AGG_NORM`` (None: ``AGG_NORM_DEFAULT``), the
+  weights' normalisers of :class:`mhpo_kernels.sequences.Sequences` ``weights``.
 * ``loss`` (0-d) ``= sum_n w_n L_n``, ``dlogp[n] = w_n d L_n / d logp_n`` (0 on
   inactive rows), ``metrics``: the 13 slots of ``_finish.METRICS``; ``bad``: int64
   ``(kind, position)`` of the first target id outside ``[0, num_classes)`` that is
@@ -59,6 +76,17 @@ global. In ``fwd``, ``logp`` is the shard-local ``x[y - vocab_start] - lse`` for
 targets in the shard and 0 otherwise (lse and entropy are shard-local; MODE_NONE).
 In ``bwd``, the one-hot term applies only at ``y - vocab_start`` inside the
 shard, and ``lse`` / ``entropy`` passed in are the global ones.
+
+Optional ``combine(stats, target, starts, sizes, ignore_index) -> (logp, entropy, lse)``
+(one launch; a backend without it gets :func:`mhpo_kernels.distributed.combine_torch`):
+``stats`` ``[P, k, N]`` holds, per vocabulary partition ``p`` (ids ``[starts[p],
+starts[p] + sizes[p])``: the ranks of a vocabulary-parallel group, the vocabulary
+slices of the fused lm_head), the ``fwd`` outputs ``lse``, ``logp`` and (``k == 3``)
+``entropy`` on that partition. Returns the union's ``lse = M + log s``, ``logp =
+logp_q + (lse_q - lse)`` for the partition ``q`` holding the target (0 where none
+does) and ``entropy = C / s + log s`` (``[0]`` when ``k == 2``), with ``M = max_p lse_p``,
+``s = sum_p e^(lse_p - M)``, ``C = sum_p e^(lse_p - M) (H_p + M - lse_p)``; logp and entropy
+0 on ignore_index rows: the ``vocab_start`` conventions of ``fwd``, so results nest.
 
 Implementations: ``mhpo_kernels.triton_kernels`` (``triton``), ``csrc/`` through
 :mod:`.native` (``cpu``, ``cuda``), :mod:`.pytorch` (``torch``). ``backend="reference"``
@@ -90,8 +118,9 @@ class Backend:
     devices: the device types whose tensors it runs (``ANY_DEVICE``: all).
     auto: the device types for which ``backend="auto"`` may pick it; rows earlier
     in the table win. dtypes: the logits dtypes it takes. hint: what to do when it
-    is unavailable (``{error}`` stands for the import error). ready: an extra check ``(launchers, device) -> reason`` ("" when
-    ready), for a backend whose availability depends on more than loading.
+    is unavailable (``{error}`` stands for the import error). ready: an extra check
+    ``(launchers, device) -> reason`` ("" when ready), for a backend whose availability
+    depends on more than loading.
     """
 
     name: str
@@ -146,7 +175,7 @@ def _load(name: str):
         mod = REGISTRY[name].load()
     except ImportError as e:  # an optional dependency or the extension is missing
         if os.environ.get("MHPO_VERBOSE"):
-            warnings.warn(f"mhpo_kernels: backend {name!r} unavailable: {e}")
+            warnings.warn(f"mhpo_kernels: backend {name!r} unavailable: {e}", stacklevel=2)
         _errors[name] = e
         mod = None
     _cache[name] = mod
@@ -242,7 +271,10 @@ def reference():
 # ---------------------------------------------------------------------------- the table
 
 def _triton():
-    import triton_kernels  # an import statement, not importlib: Dynamo traces it (a first call may be compiled)
+    # an import statement, not importlib: Dynamo traces it (a first call may be compiled). The source
+    # folder triton_kernels/ installs as mhpo_kernels.triton_kernels (setup.py): never import it as a
+    # top-level triton_kernels, the name of triton-lang's kernel library
+    from .. import triton_kernels
 
     return triton_kernels
 
