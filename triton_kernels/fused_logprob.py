@@ -9,27 +9,56 @@ Launcher contract: ``mhpo_kernels.backends``.
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
+from triton.runtime.interpreter import InterpretedFunction
 
-from .epilogue import clip_token, mhpo_token, sapo_token
-
-MODE_NONE, MODE_MHPO, MODE_CLIP, MODE_SAPO = 0, 1, 2, 3
-CLIP_LOG_RATIO_LIMIT = 20.0
-
-
-@triton.jit
-def _k3(d, ed):
-    # exp(d) - d - 1 without the cancellation near d = 0 (Taylor series below |d| = 0.5)
-    series = d * d * (0.5 + d * (1.0 / 6 + d * (1.0 / 24 + d * (1.0 / 120 + d * (1.0 / 720 + d / 5040.0)))))
-    return tl.where(tl.abs(d) < 0.5, series, ed - d - 1.0)
+from .constants import CLIP_LOG_RATIO_LIMIT, MODE_CLIP, MODE_MHPO, MODE_NONE
+from .epilogue import clip_token, k3, mhpo_token, sapo_token
 
 
 @triton.jit
 def _scale(z, inv_t):
-    # x = z * inv_t rounded once, in every kernel alike (CPU and CUDA backends too). An
+    # x = z * inv_t rounded once, where every backend subtracts it from lse (the CPU / CUDA
+    # kernels: scale_rn in csrc/mhpo_epilogue.h). An
     # explicit fma with a zero addend: a plain multiply may be fused by ptxas into the
     # subtraction that follows (z * inv_t - lse), which leaves the product's rounding
     # error in log p where it must be exactly 0 (V = 1).
     return tl.math.fma(z, inv_t, 0.0)
+
+
+@triton.jit
+def _exp2_ftz(x):
+    # ex2.approx.ftz.f32 (libdevice's exp2f under Triton's ftz reflect): one MUFU.EX2. tl.exp and
+    # tl.math.exp2 lower to the non-ftz ex2, which ptxas wraps in a denormal fix-up (FSETP and two
+    # predicated FMULs per element). Flushed: results below 2^-126, which no sum here can see.
+    return libdevice.exp2(x)
+
+
+@triton.jit
+def _exp2_ieee(x):
+    return tl.math.exp2(x)
+
+
+# The interpreter runs no libdevice: it gets the IEEE exp2 (the same values, denormals kept).
+_exp2 = _exp2_ieee if isinstance(_exp2_ftz, InterpretedFunction) else _exp2_ftz
+
+
+@triton.jit
+def _fwd_block(z, m, s, t, c, WANT_ENT: tl.constexpr):
+    # One [lanes, VEC] block into the per-lane state (m, s, t): see _fwd_kernel.
+    m_new = tl.maximum(m, tl.max(z, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep it finite
+    # z - m_ref is exactly 0 at the maximum: its 2^d is exactly 1 (V = 1 gives log p = 0)
+    d = (z - m_ref[:, None]) * c
+    e = _exp2(d)
+    dm = (m - m_ref) * c
+    alpha = _exp2(dm)
+    if WANT_ENT:
+        # sum 2^{d'} d' (d' relative to m_new) = alpha (t + s dm) + this block; 2^d d is 0 where
+        # 2^d is (d = -inf included): max(d, -1e4) changes no d with 2^d > 0 and keeps NaN in s
+        t = alpha * (t + s * tl.where(s > 0.0, dm, 0.0)) + tl.sum(e * tl.maximum(d, -1e4), 1)
+    s = s * alpha + tl.sum(e, 1)
+    return m_new, s, t
 
 
 @triton.jit
@@ -39,31 +68,39 @@ def _fwd_kernel(
     V, vocab_start, T, ignore_index, beta,
     p0, p1, p2, p3, p4, p5, p6,
     MODE: tl.constexpr, HAS_REF: tl.constexpr, WANT_ENT: tl.constexpr,
-    BLOCK_V: tl.constexpr, LIMIT: tl.constexpr,
+    BLOCK_V: tl.constexpr, VEC: tl.constexpr, LIMIT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_n
-    cols0 = tl.arange(0, BLOCK_V)
-    # running max m, sum-exp s = sum e^{x-m}, and t = sum e^{x-m} (x-m) for the entropy
-    m = tl.full((), float("-inf"), tl.float32)
-    s = tl.zeros((), tl.float32)
-    t = tl.zeros((), tl.float32)
+    # The block as [BLOCK_V // VEC, VEC]: a thread holds whole VEC-wide chunks (VEC = one 16-byte
+    # load), so the online max / sum-exp runs per chunk lane with no cross-thread reduction (no
+    # barrier) in the loop; the lanes are combined once, after it.
+    offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    # Per lane: m = max of the raw logits z, s = sum 2^d and t = sum 2^d d with d = (z - m) c the
+    # log2-domain logit relative to m (c = log2(e) / T folds the temperature in: one multiply).
+    m = tl.full((BLOCK_V // VEC,), float("-inf"), tl.float32)
+    s = tl.zeros((BLOCK_V // VEC,), tl.float32)
+    t = tl.zeros((BLOCK_V // VEC,), tl.float32)
     inv_t = tl.math.div_rn(1.0, T)
-    for start in range(0, V, BLOCK_V):
-        cols = start + cols0
-        x = _scale(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32), inv_t)
-        m_new = tl.maximum(m, tl.max(x, 0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # all -inf so far: keep it finite
-        alpha = tl.exp(m - m_ref)
-        e = tl.exp(x - m_ref)
-        if WANT_ENT:
-            # sum e^{x-m_new}(x-m_new) = alpha * (t + s (m - m_new)) + this block
-            shift = s * tl.where(s > 0.0, m - m_ref, 0.0)
-            t = alpha * (t + shift) + tl.sum(e * tl.where(e > 0.0, x - m_ref, 0.0), 0)
-        s = s * alpha + tl.sum(e, 0)
-        m = m_new
-    log_s = tl.log(s)
-    m_fin = tl.where(m == float("-inf"), 0.0, m)
+    c = inv_t * 1.4426950408889634
+    # whole blocks unmasked (no -inf fill, no bound test), then the tail, if any, masked
+    v_full = V - V % BLOCK_V
+    for start in range(0, v_full, BLOCK_V):
+        z = tl.load(row_ptr + start + offs).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, c, WANT_ENT)
+    if v_full < V:
+        cols = v_full + offs
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m, s, t = _fwd_block(z, m, s, t, c, WANT_ENT)
+    # combine the lanes: the same update, once
+    m_row = tl.max(m, 0)
+    m_ref = tl.where(m_row == float("-inf"), 0.0, m_row)
+    dm = (m - m_ref) * c
+    w = _exp2(dm)
+    s_row = tl.sum(s * w, 0)
+    log_s = tl.log(s_row)
+    # the maximum scaled as every x below (and the backward) scales z: max(z) / T == max(z / T)
+    m_fin = _scale(m_ref, inv_t)
     lse = m_fin + log_s
 
     y = tl.load(target_ptr + row)
@@ -77,24 +114,25 @@ def _fwd_kernel(
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
     if WANT_ENT:
-        tl.store(ent_ptr + row, tl.where(valid, log_s - t / s, 0.0))
+        t_row = tl.sum(w * (t + s * tl.where(s > 0.0, dm, 0.0)), 0)
+        # H = log s - sum p (x - m), t in log2 units: times ln 2
+        tl.store(ent_ptr + row, tl.where(valid, log_s - (t_row * 0.6931471805599453) / s_row, 0.0))
 
-    if MODE != 0:
+    if MODE != MODE_NONE:
         active = valid & (tl.load(mask_ptr + row) != 0.0)
         delta = tl.where(active, logp - tl.load(old_ptr + row), 0.0)
         adv = tl.where(active, tl.load(adv_ptr + row), 0.0)
-        if MODE == 1:
+        if MODE == MODE_MHPO:
             loss, coef = mhpo_token(delta, adv, p0, p1, p2, p3, p4, p5, p6)
-        elif MODE == 2:
+        elif MODE == MODE_CLIP:
             loss, coef = clip_token(delta, adv, p0, p1, p2, p3, LIMIT)
         else:
             loss, coef = sapo_token(delta, adv, p0, p1, LIMIT)
         if HAS_REF:
-            # k3 KL: exp(ref - logp) - (ref - logp) - 1
-            d = tl.where(active, tl.load(ref_ptr + row) - logp, 0.0)
-            ed = tl.exp(d)
-            loss += beta * _k3(d, ed)
-            coef += beta * (1.0 - ed)
+            # k3 KL: exp(ref - logp) - (ref - logp) - 1; d k3 / d logp = -(exp(ref - logp) - 1)
+            kl, em1 = k3(tl.where(active, tl.load(ref_ptr + row) - logp, 0.0))
+            loss += beta * kl
+            coef -= beta * em1
         tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
         tl.store(coef_ptr + row, tl.where(active, coef, 0.0))
     else:  # log-probs only: loss and coef are 0 (written here, not by a separate fill launch)
@@ -113,35 +151,57 @@ def _bwd_kernel(
     out_row = out_ptr + row * stride_out
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
-    y_loc = y - vocab_start  # never equal to a column when the target is in another shard
+    y_loc = y - vocab_start
+    # the target's column as int32 (columns are int32), -1 when it is in another shard
+    y_col = tl.where((y_loc >= 0) & (y_loc < V), y_loc, -1).to(tl.int32)
     lse = tl.load(lse_ptr + row)
-    g = tl.load(dlogp_ptr + row)
+    inv_t = tl.math.div_rn(1.0, T)
+    # dx = dz / T: 1/T folded into the row's upstream gradients, not applied per element
+    g = tl.load(dlogp_ptr + row) * inv_t
     if HAS_SCALE:  # the loss's upstream gradient, one value for every row
         g = g * tl.load(scale_ptr)
     if HAS_DENT:
-        ge = tl.load(dent_ptr + row)
-        H = tl.load(ent_ptr + row)
+        ge = tl.load(dent_ptr + row) * inv_t
+        gh = g + ge * tl.load(ent_ptr + row)
     cols0 = tl.arange(0, BLOCK_V)
-    inv_t = tl.math.div_rn(1.0, T)
-    for start in range(0, V, BLOCK_V):
+    # an ignored row runs the zero-filling loop instead (no per-element select; its logits may be
+    # anything, NaN included, and its gradient is still exactly 0)
+    v_live = tl.where(valid, V, 0)
+    for start in range(0, v_live, BLOCK_V):
         cols = start + cols0
         inb = cols < V
         logp = _scale(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
-        p = tl.exp(logp)
+        p = _exp2(logp * 1.4426950408889634)  # exactly 1 where logp is exactly 0 (V = 1)
         # d logp_y / dx = onehot - p ;  d H / dx = -p (log p + H)
-        grad = tl.where(cols == y_loc, g, 0.0) - g * p
         if HAS_DENT:
-            grad -= ge * p * tl.where(p > 0.0, logp + H, 0.0)
-        grad = tl.where(valid, grad * inv_t, 0.0)
+            # p (g + ge (log p + H)), 0 where p is: max(logp, -1e4) changes no logp with p > 0
+            grad = tl.where(cols == y_col, g, 0.0) - p * (ge * tl.maximum(logp, -1e4) + gh)
+        else:
+            grad = tl.where(cols == y_col, g, 0.0) - g * p
         tl.store(out_row + cols, grad.to(out_ptr.dtype.element_ty), mask=inb)
+    for start in range(0, V - v_live, BLOCK_V):
+        cols = start + cols0
+        tl.store(out_row + cols, tl.zeros((BLOCK_V,), out_ptr.dtype.element_ty), mask=cols < V)
 
 
-# The configurations we ship (triton_kernels.aot compiles every one of them for sm_80 / sm_90).
+# The configurations we ship (mhpo_kernels.triton_kernels.aot compiles every one of them for sm_80 / sm_90).
 BLOCKS_V = (128, 256, 512, 1024, 2048, 4096)
 
 
 def block_v(V: int) -> int:
     return min(max(triton.next_power_of_2(V), BLOCKS_V[0]), BLOCKS_V[-1])
+
+
+def vec_width(itemsize: int, aligned: bool = True) -> int:
+    """The forward's chunk width: the elements of one 16-byte load (fp32 4, bf16 / fp16 8) where
+    Triton's specialisation proves every row 16-byte aligned, else 1 (a lane per element: wider
+    chunks of unaligned rows would be reduced across threads in the loop)."""
+    return 16 // itemsize if aligned else 1
+
+
+def rows_aligned(logits) -> bool:
+    """What Triton's launch specialisation sees: base address % 16 bytes and row stride % 16 elements."""
+    return logits.data_ptr() % 16 == 0 and logits.stride(0) % 16 == 0
 
 
 def num_warps(block: int) -> int:
@@ -165,7 +225,8 @@ def fwd(logits, target, old, adv, mask, ref, mode, params, beta, temperature, ig
         V, int(vocab_start), float(temperature), int(ignore_index), float(beta),
         *[float(p) for p in params[:7]],
         MODE=int(mode), HAS_REF=ref is not None, WANT_ENT=bool(want_entropy),
-        BLOCK_V=block, LIMIT=CLIP_LOG_RATIO_LIMIT, num_warps=num_warps(block),
+        BLOCK_V=block, VEC=vec_width(logits.element_size(), rows_aligned(logits)), LIMIT=CLIP_LOG_RATIO_LIMIT,
+        num_warps=num_warps(block),
     )
     return logp, entropy, lse, loss, coef
 
