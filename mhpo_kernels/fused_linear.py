@@ -8,9 +8,10 @@ vocabulary rows (by default ``M = N``: every token at once)::
     forward (no gradient kept):
         for each vocabulary chunk c, token chunk r:
             z = hidden[r] @ weight[c].T (+ bias[c])       # [M, Vc]
-            partial lse / entropy / target logit of z     # the backend's forward on a vocabulary slice
-        merge the partials per row -> logp, entropy, lse  # O(N)
-        loss from logp (token- or sequence-level ratio control, any aggregation), in torch, O(N)
+            partial lse / entropy / target logit of z     # the backend's forward on a vocabulary slice,
+                                                          # stacked into a [slices, k, N] buffer
+        merge the partials per row -> logp, entropy, lse  # one combine launch, O(N)
+        loss from logp (token- or sequence-level ratio control, any aggregation)  # one finish launch, O(N)
     backward (d loss / d logp and d / d entropy known now):
         for each vocabulary chunk c:
             for each token chunk r:
@@ -61,11 +62,11 @@ from torch import nn
 from . import backends
 from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
 from ._inputs import (
-    MHPOOutput, _flat, check_cu_seqlens, check_ignore_index, check_loss_args, check_target_ids, check_temperature,
-    prepare_rows, seq_shape_of,
+    MHPOOutput, _flat, agg_norm, check_cu_seqlens, check_ignore_index, check_loss_args, check_target_ids,
+    check_temperature, prepare_rows, seq_shape_of,
 )
 from ._ops import FinishedLoss
-from .distributed import shard_layout
+from .distributed import combine, gather_stats, shard_layout
 from .config import KERNEL_PARAMS, MODE_NONE, MHPOConfig, resolve_ratio_control
 
 __all__ = ["fused_linear_mhpo_loss", "MHPOLinearLoss", "default_chunk_sizes"]
@@ -159,69 +160,6 @@ def _check_linear(hidden, weight, bias, prefix=""):
             raise TypeError(f"{b} must have the {w}'s dtype and device")
 
 
-def _guarded_exp(x):
-    """exp(x), with 0 where x is NaN (-inf - -inf: nothing to add)."""
-    return torch.where(torch.isnan(x), torch.zeros_like(x), x).exp()
-
-
-class _Merge:
-    """Per-row log-sum-exp, entropy and target log-prob merged over vocabulary slices.
-
-    Slice k contributes its own ``lse_k``, entropy ``H_k`` (of the softmax over the
-    slice) and, for the row whose target it holds, ``logp_k = x_y - lse_k``. With
-    ``m`` the running max, ``s = sum exp(lse_k - m)`` and
-    ``C = sum exp(lse_k - m) (H_k + m - lse_k)``: ``lse = m + log s``,
-    ``H = C / s + log s`` (no ``lse - E[x]`` cancellation; one slice gives the
-    slice's own values exactly) and ``logp = logp_k + (lse_k - lse)``. Vocabulary
-    shards of other ranks merge the same way (:meth:`all_reduce`).
-    """
-
-    def __init__(self, N, device, want_entropy):
-        f32 = dict(device=device, dtype=torch.float32)
-        self.m = torch.full((N,), float("-inf"), **f32)
-        self.s, self.lp, self.t = (torch.zeros(N, **f32) for _ in range(3))
-        self.C = torch.zeros(N, **f32) if want_entropy else None
-
-    def add(self, r, lse_k, ent_k, logp_k, owned):
-        m = self.m[r]
-        m_new = torch.maximum(m, lse_k)
-        a, e = _guarded_exp(m - m_new), _guarded_exp(lse_k - m_new)
-        s = self.s[r]
-        if self.C is not None:
-            shift = torch.where(s > 0, s * (m_new - m), torch.zeros_like(s))
-            self.C[r] = a * (self.C[r] + shift) + torch.where(e > 0, e * (ent_k + (m_new - lse_k)), torch.zeros_like(e))
-        self.s[r] = a * s + e
-        self.m[r] = m_new
-        self.lp[r] += torch.where(owned, logp_k, torch.zeros_like(logp_k))
-        self.t[r] += torch.where(owned, lse_k, torch.zeros_like(lse_k))
-
-    def all_reduce(self, group):
-        """Merge the shards of every rank: a MAX of N and a SUM of 3N (4N with entropy) floats."""
-        M = self.m.clone()
-        dist.all_reduce(M, op=dist.ReduceOp.MAX, group=group)
-        f = _guarded_exp(self.m - M)
-        shift = torch.where(self.s > 0, self.s * (M - self.m), torch.zeros_like(self.s))
-        parts = [self.s * f, self.lp, self.t]
-        if self.C is not None:
-            parts.append((self.C + shift) * f)
-        stats = torch.stack(parts)
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-        self.m, self.s, self.lp, self.t = M, stats[0], stats[1], stats[2]
-        if self.C is not None:
-            self.C = stats[3]
-
-    def result(self, valid):
-        """(logp, entropy or None, lse); logp and entropy 0 where the target is ignore_index."""
-        log_s = torch.log(self.s)
-        lse = self.m + log_s
-        zero = torch.zeros_like(lse)
-        logp = torch.where(valid, self.lp + (self.t - lse), zero)
-        ent = None
-        if self.C is not None:
-            ent = torch.where(valid, self.C / self.s + log_s, zero)
-        return logp, ent, lse
-
-
 def _tiles(N, V, rows, cols):
     for c0 in range(0, V, cols):
         c = slice(c0, min(c0 + cols, V))
@@ -259,6 +197,7 @@ class _TileOpts:
     cols: int
     group: object = None
     vocab_start: int = 0
+    layout: object = None  # distributed.ShardLayout of the group
 
 
 class _LinearLogprobs(torch.autograd.Function):
@@ -283,22 +222,27 @@ class _LinearLogprobs(torch.autograd.Function):
         params = [0.0] * KERNEL_PARAMS
         results = []
         for h_in, w_in, b_in, want_ent in heads:
-            merge = _Merge(N, hidden.device, want_ent)
             h, slice_ = _gemm_operands(h_in, w_in, b_in, cdt)
-            for c, rs in _tiles(N, V, rows, cols):
+            tiles = list(_tiles(N, V, rows, cols))
+            # per vocabulary slice: lse, logp (x_y - lse where the slice holds the target, else 0), entropy
+            stats = torch.empty(len(tiles), 3 if want_ent else 2, N, device=hidden.device, dtype=torch.float32)
+            for i, (c, rs) in enumerate(tiles):
                 w, b = slice_(c)
                 for r in rs:
                     z = _logits_tile(h[r], w, b)
-                    y = target[r]
-                    logp_k, ent_k, lse_k, _, _ = kern.fwd(z, y, unused[r], unused[r], unused[r], None, MODE_NONE,
-                                                          params, 0.0, T, ii, want_ent, vocab_start=start + c.start)
-                    owned = (y >= start + c.start) & (y < start + c.stop)
-                    merge.add(r, lse_k, ent_k, logp_k, owned)
+                    logp_k, ent_k, lse_k, _, _ = kern.fwd(z, target[r], unused[r], unused[r], unused[r], None,
+                                                          MODE_NONE, params, 0.0, T, ii, want_ent,
+                                                          vocab_start=start + c.start)
+                    torch.stack((lse_k, logp_k, ent_k) if want_ent else (lse_k, logp_k), out=stats[i, :, r])
                     del z
             del h
+            # one combine launch merges the slices; a vocabulary shard then merges with the other ranks'
+            logp, ent, lse = combine(kern, stats, target, [start + c.start for c, _ in tiles],
+                                     [c.stop - c.start for c, _ in tiles], ii)
             if opts.group is not None:
-                merge.all_reduce(opts.group)
-            results.append(merge.result(target != ii))
+                stats = gather_stats((lse, logp, ent) if want_ent else (lse, logp), opts.group)
+                logp, ent, lse = combine(kern, stats, target, opts.layout.starts, opts.layout.sizes, ii)
+            results.append((logp, ent if want_ent else None, lse))
         logp, ent, lse = results[0]
         ref_logp, _, ref_lse = results[1] if len(results) > 1 else (logp.new_empty(0), None, None)
         ent = ent if ent is not None else logp.new_empty(0)
@@ -450,7 +394,8 @@ def fused_linear_mhpo_loss(
     vocab_chunk_size=None, config=None, temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, ref_hidden=None, ref_weight=None, ref_bias=None,
-    process_group=None, vocab_start_index=None,
+    process_group=None, vocab_start_index=None, loss_scale_factor=None, global_batch_size=None,
+    global_num_tokens=None, dp_size=1,
 ) -> MHPOOutput:
     """Policy loss of ``hidden @ weight.T + bias`` without materialising the ``[N, V]`` logits.
 
@@ -477,7 +422,8 @@ def fused_linear_mhpo_loss(
             is computed (no gradient kept) before the gradient pass.
         cu_seqlens: packed sequences over ``[N, H]`` hidden states, as in
             :func:`mhpo_kernels.policy_loss`.
-        temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, backend:
+        temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, backend,
+        loss_scale_factor, global_batch_size, global_num_tokens, dp_size:
             as :func:`mhpo_kernels.policy_loss`. ``backend`` resolves against the
             hidden states' device (the tiles run its launchers; ``"torch"`` on any
             device); ``"reference"`` computes the plain unfused ``F.linear`` +
@@ -494,7 +440,7 @@ def fused_linear_mhpo_loss(
             parallelism): ``weight`` (and ``bias``, ``ref_weight``) hold this
             rank's vocabulary rows ``[vocab_start_index, vocab_start_index +
             V_local)`` (default: after the rows of lower ranks), ``hidden`` is
-            replicated. Per call, O(N) statistics are all-reduced once per head;
+            replicated. Per call, O(N) statistics are all-gathered once per head;
             the gradient of ``hidden`` is all-reduced once (O(N * H)); each rank
             gets its weight shard's gradient.
 
@@ -539,13 +485,15 @@ def fused_linear_mhpo_loss(
             F.linear(hidden, weight, bias), target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
             importance_sampling_level=level, cu_seqlens=cu_seqlens, temperature=temperature,
             loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
-            return_entropy=return_entropy,
+            return_entropy=return_entropy, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+            global_num_tokens=global_num_tokens, dp_size=dp_size,
         )
     backends.check_dtype(name, hidden.dtype, "hidden states")
     if hidden.dtype == torch.float64:
         raise TypeError("the fused lm_head tiles take float32 / bfloat16 / float16 hidden states, got "
                         "torch.float64; use backend='reference' for float64")
     check_loss_args(loss_agg_mode, beta, ref_logprobs is not None or ref_head is not None)
+    norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
     check_temperature(temperature)
 
     V, H = weight.shape
@@ -553,16 +501,17 @@ def fused_linear_mhpo_loss(
     N = math.prod(shape)
     rows, cols = default_chunk_sizes(N, V, H, hidden.dtype, hidden.device)
     rows, cols = chunk_size or rows, vocab_chunk_size or cols
-    start, V_total = 0, V
+    start, V_total, layout = 0, V, None
     if sharded:
-        start, V_total = shard_layout(V, N, process_group, vocab_start_index, rows)
+        layout = shard_layout(V, N, process_group, vocab_start_index, rows)
+        start, V_total = layout.start, layout.total
     check_ignore_index(ignore_index, V_total)
     target = _flat("target_ids", target_ids, shape, hidden.device, torch.int64, allow=("int",))
     check_target_ids(target, V_total, ignore_index)  # before the GEMMs (one host sync)
     old, adv, m, ref = prepare_rows(shape, hidden.device, old_logprobs, advantages, mask, ref_logprobs,
                                     torch.float32)
     opts = _TileOpts(backends.get(name), float(temperature), int(ignore_index), bool(return_entropy), rows, cols,
-                     process_group, start)
+                     process_group, start, layout)
     h2d = hidden.reshape(-1, H)
     if h2d.numel() and h2d.stride(-1) != 1:
         h2d = h2d.contiguous()
@@ -574,7 +523,7 @@ def fused_linear_mhpo_loss(
     loss, metrics = FinishedLoss.apply(
         logp, entropy if return_entropy else None, old, adv, m, ref, target, cu_seqlens, B, T, finish_mode(cfg),
         list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], int(ignore_index),
-        V_total, False, name)
+        V_total, False, name, norm)
     metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, ref is not None))
     return MHPOOutput(loss, logp.detach().reshape(shape), entropy.reshape(shape) if return_entropy else None, metrics)
 

@@ -4,7 +4,9 @@ Counted from ``torch.profiler`` CPU events at every nesting depth: an ``aten::``
 op counts when it is not an allocation / view / metadata op and has no counted
 op beneath it (``zeros_like -> zero_`` is one op, ``to -> _to_copy -> copy_``
 is one); each of the package's own ops counts once (the innermost, so the
-Python op wrapping a native one is not counted twice). The ``cpu`` backend
+Python op wrapping a native one is not counted twice); a collective counts as
+the ``c10d::`` op it dispatches (``c10d::allreduce_``, ``c10d::_allgather_base_``),
+once. The ``cpu`` backend
 shares all its glue with the GPU backends, so these counts bound the GPU's
 kernel launches too. ``aten::_local_scalar_dense`` is a host sync (``.item()``,
 ``int(t)``, ``bool(t)``).
@@ -27,7 +29,7 @@ NOT_WORK = {
     "flatten", "unflatten", "unbind", "split", "chunk", "lift_fresh", "resolve_conj", "resolve_neg",
     "result_type", "is_nonzero", "set_", "size", "stride", "numel", "dim", "diagonal", "squeeze_", "unsqueeze_",
 }
-PACKAGE = ("mhpo_kernels::", "mhpo_kernels_C::")
+PACKAGE = ("mhpo_kernels::", "mhpo_kernels_C::", "c10d::")  # counted once each: our ops and the collectives
 SYNC = "aten::_local_scalar_dense"
 
 
@@ -156,7 +158,7 @@ CONTROLS = {
     "sapo": (mk.SAPOConfig(), "token"),
     "gspo": (mk.GSPOConfig(), "sequence"),
 }
-AGGS = ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+AGGS = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
@@ -208,8 +210,9 @@ def test_bad_id_raises_after_one_sync():
 
 
 def test_vocab_parallel_single_rank(tmp_path):
-    """One gloo rank: the shard pass, the O(N) combine of the shard statistics (still torch ops: the
-    combine has no fused kernel yet), the finishing launch, the backward. Before the finishing kernel:
+    """One gloo rank: the layout all-gather, the shard pass, one all-gather of the packed shard
+    statistics, one combine launch, the finishing launch, the backward. Collectives count as their
+    ``c10d::`` op. Before the combine launch: 26 ops (3 collectives); before the finishing kernel:
     154 ops and 5 host syncs."""
     import torch.distributed as dist
 
@@ -219,14 +222,57 @@ def test_vocab_parallel_single_rank(tmp_path):
     try:
         logits, ids, old, adv, mask, extra = inputs(ref=True)
         kw = dict(backend="cpu", process_group=dist.group.WORLD, **extra)
-        c = count_ops(fwd_bwd(mk.mhpo_loss, logits, ids, old, adv, mask, **kw))
-        assert total(c) <= 26 and c["mhpo_kernels_C::finish"] == 1, c
-        assert c[SYNC] <= 1, c  # the id check; the shard layout is read with one tolist (a copy on NCCL)
+        for entropy in (False, True):
+            c = count_ops(fwd_bwd(mk.mhpo_loss, logits, ids, old, adv, mask, return_entropy=entropy, **kw))
+            assert total(c) <= 12, c
+            assert c["mhpo_kernels_C::combine"] == 1 and c["mhpo_kernels_C::finish"] == 1, c
+            assert c[SYNC] == 1, c  # the id check; the shard layout is read with one tolist (no op on gloo's CPU)
+            assert sum(v for k, v in c.items() if k.startswith("c10d::")) <= 2, c  # layout + statistics
         c = count_ops(fwd_bwd(mk.mhpo_loss, logits, ids, old, adv, mask, check_ids=False, **kw))
-        assert c[SYNC] == 0, c
-        want = mk.mhpo_loss(logits, ids, old, adv, mask, backend="cpu", **extra)
-        got = mk.mhpo_loss(logits, ids, old, adv, mask, **kw)
+        assert total(c) <= 11 and c[SYNC] == 0, c
+        want = mk.mhpo_loss(logits, ids, old, adv, mask, backend="cpu", return_entropy=True, **extra)
+        got = mk.mhpo_loss(logits, ids, old, adv, mask, return_entropy=True, **kw)
         torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.entropy, want.entropy, rtol=1e-5, atol=1e-6)
         assert got.metrics.keys() == want.metrics.keys()
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------- fused lm_head
+
+GEMMS = {"aten::mm", "aten::addmm", "aten::matmul", "aten::bmm", "aten::addmm_"}
+H = 16
+
+
+def fused_linear_ops(vocab_chunks, token_chunks, entropy=False, bias=True):
+    """Work ops of one fused_linear_mhpo_loss forward + backward (hidden, weight and bias gradients)
+    over ``vocab_chunks`` x ``token_chunks`` tiles, the GEMMs left out."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(N, H, generator=g, requires_grad=True)
+    weight = (torch.randn(V, H, generator=g) * 0.3).requires_grad_()
+    b = torch.zeros(V, requires_grad=True) if bias else None
+    _, ids, old, adv, mask, _ = inputs()
+    kw = dict(bias=b, backend="cpu", chunk_size=N // token_chunks, vocab_chunk_size=V // vocab_chunks,
+              return_entropy=entropy)
+
+    def step():
+        out = mk.fused_linear_mhpo_loss(hidden, weight, ids, old, adv, mask, **kw)
+        (out.loss + (out.entropy.sum() if entropy else 0)).backward()
+    c = count_ops(step)
+    return collections.Counter({k: v for k, v in c.items() if k not in GEMMS})
+
+
+@pytest.mark.parametrize("entropy", [False, True])
+@pytest.mark.parametrize("token_chunks", [1, 2])
+def test_fused_linear_ops_per_chunk(token_chunks, entropy):
+    """Beyond its GEMMs, one tile (a vocabulary slice of a token chunk) costs at most 12 work ops
+    forward + backward; everything else (validation, the combine and finish launches) is per call."""
+    one = fused_linear_ops(1, token_chunks, entropy)
+    many = fused_linear_ops(4, token_chunks, entropy)
+    per_tile = (total(many) - total(one)) / (3 * token_chunks)
+    assert per_tile <= 12, (per_tile, one, many)
+    assert many["mhpo_kernels_C::fwd"] == many["mhpo_kernels_C::bwd"] == 4 * token_chunks, many
+    assert many["mhpo_kernels_C::combine"] == 1 and many["mhpo_kernels_C::finish"] == 1, many
+    assert total(one) <= 12 + 12 * token_chunks, one

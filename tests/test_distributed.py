@@ -8,9 +8,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mhpo_kernels as mk
+import mhpo_kernels.distributed as dm
 from mhpo_kernels.distributed import vocab_parallel_logprobs
 
-from conftest import TOL, assert_close
+from util import TOL, assert_close, device_for
 
 BACKENDS = [b for b in mk.available_backends("cpu") if b != "reference"]  # launchers: the reference has no shards
 N, V = 13, 101
@@ -139,7 +140,8 @@ def _check_fused_linear_once(rank, backend, sizes, sent, through_entropy):
         else:
             out = mk.fused_linear_mhpo_loss(h, w, ids, old, adv, mask, bias=bb, backend="torch", **kw)
         (out.loss + (out.entropy * g_ent).sum() if through_entropy else out.loss).backward()
-        results.append((out, h.grad, w.grad[lo:hi] if not sharded else w.grad, bb.grad[lo:hi] if not sharded else bb.grad))
+        results.append((out, h.grad, w.grad[lo:hi] if not sharded else w.grad,
+                        bb.grad[lo:hi] if not sharded else bb.grad))
     (want, wh, ww, wb), (got, gh, gw, gb) = results
     where = f"fused-linear {backend} sizes={sizes} rank {rank} through_entropy={through_entropy}"
     assert_close(got.loss, want.loss, 2e-6, 2e-6, f"loss {where}")
@@ -199,6 +201,13 @@ def _worker(rank, world, init_file, backends_):
             return real(t, *a, **k)
 
         dist.all_reduce = counting
+        gather = dm._all_gather_single
+
+        def counting_gather(out, t, *a, **k):
+            sent.append(t.numel() * t.element_size())
+            return gather(out, t, *a, **k)
+
+        dm._all_gather_single = counting_gather
         for backend in backends_:
             for sizes, starts in LAYOUTS[world]:
                 _check_layout(rank, backend, sizes, starts, 0, sent)
@@ -210,7 +219,8 @@ def _worker(rank, world, init_file, backends_):
             # O(N) communication: the same bytes for a 10x larger vocabulary
             small = _check_layout(rank, "torch", [32, 32], None, 1, sent)
             large = _check_layout(rank, "torch", [320, 320], None, 1, sent)
-            assert small == large == (1 + 3) * N * 4, (small, large)  # lse max, then [3, N] fp32 sums
+            # the layout's 4 int64, then one gather of this rank's [3, N] fp32 statistics
+            assert small == large == 4 * 8 + 3 * N * 4, (small, large)
             fl_small = _check_fused_linear(rank, "torch", [32, 32], sent)
             fl_large = _check_fused_linear(rank, "torch", [320, 320], sent)
             assert fl_small == fl_large, (fl_small, fl_large)  # chunk statistics + grad_hidden: no V term
@@ -222,7 +232,63 @@ def _worker(rank, world, init_file, backends_):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", sorted(LAYOUTS))
 def test_vocab_parallel_matches_single_process(world):
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(world, os.path.join(d, "init"), BACKENDS), nprocs=world, join=True)
+
+
+LAUNCHERS = [b for b in dict.fromkeys(mk.available_backends("cpu") + mk.available_backends("cuda")) if b != "reference"]
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+@pytest.mark.parametrize("want_entropy", [False, True])
+def test_combine_matches_the_whole_vocabulary(launcher, want_entropy):
+    """The ``combine`` launch (or combine_torch) of partition statistics equals the backend's pass over
+    the whole vocabulary: partitions out of id order, a partition row that is all -inf, ignored and
+    out-of-range ids. One partition gives its own values bit for bit. (Named ``launcher``: it calls
+    the launchers directly, on the launcher's own device, which the device audit does not see.)"""
+    from mhpo_kernels import backends
+    from mhpo_kernels.distributed import combine, combine_torch
+
+    backend = launcher
+    kb = backends.get(backend)
+    dev = device_for(backend)
+    logits, ids, _, _ = full_case(7)
+    logits[5, 60:] = float("-inf")
+    ids[7], ids[9] = V + 3, -5  # no partition holds these: log-prob 0, as in the whole-vocabulary pass
+    logits, ids = logits.to(dev), ids.to(dev)
+    rows = torch.zeros(N, device=dev)
+    params = [0.0] * mk.config.KERNEL_PARAMS
+
+    def fwd(x, start=0):
+        logp, ent, lse, _, _ = kb.fwd(x, ids, rows, rows, rows, None, mk.config.MODE_NONE, params, 0.0, 0.8, -100,
+                                      want_entropy, vocab_start=start)
+        return (lse, logp, ent) if want_entropy else (lse, logp)
+
+    want = fwd(logits)
+    bounds = [(60, 101), (0, 25), (25, 60)]
+    stats = torch.stack([torch.stack(fwd(logits[:, a:b].contiguous(), a)) for a, b in bounds])
+    starts, sizes = [a for a, _ in bounds], [b - a for a, b in bounds]
+    for got in (combine(kb, stats, ids, starts, sizes, -100), combine_torch(stats, ids, starts, sizes, -100)):
+        logp, ent, lse = got
+        assert_close(lse, want[0], 2e-6, 2e-6, f"lse {backend}")
+        assert_close(logp, want[1], 2e-6, 2e-6, f"logp {backend}")
+        assert ent.numel() == (N if want_entropy else 0)
+        if want_entropy:
+            assert_close(ent, want[2], 2e-6, 2e-6, f"entropy {backend}")
+    one = combine(kb, torch.stack(want)[None], ids, [0], [V], -100)
+    assert torch.equal(one[2], want[0]) and torch.equal(one[0], want[1])
+    if want_entropy:
+        assert torch.equal(one[1], want[2])
+
+
+def test_combine_op_registration():
+    if "cpu" not in mk.available_backends("cpu"):
+        pytest.skip("the cpu backend is not built")
+    stats = torch.randn(3, 3, 8)
+    ids = torch.tensor([0, 5, 9, -100, 2, 7, 11, 4])
+    torch.library.opcheck(torch.ops.mhpo_kernels_C.combine.default, (stats, ids, [0, 4, 8], [4, 4, 4], -100))
+    with pytest.raises(RuntimeError, match="one entry per partition"):
+        torch.ops.mhpo_kernels_C.combine(stats, ids, [0, 4], [4, 4], -100)

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 import mhpo_kernels as mk
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 
-from conftest import DEVICE, SCALAR_TOL, TOL, assert_close
-from util import device_for, fused_backends
+from util import DEVICE, SCALAR_TOL, TOL, assert_close, device_for, fused_backends
 
 FUSED = fused_backends()  # each on its own device (util.device_for)
 BACKENDS = FUSED + ["torch"]
@@ -39,7 +38,7 @@ def make_linear_case(shape, V, H, dtype, *, backend, seed=0, bias=True, ratio_sp
     adv[mask == 0] = float("nan")
     ref = (logp + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
     ref[mask == 0] = float("-inf")
-    to = lambda t: None if t is None else t.to(device_for(backend))  # noqa: E731
+    to = lambda t: None if t is None else t.to(device_for(backend))
     return tuple(to(t) for t in (hidden, weight, b, ids, old, adv, mask, ref))
 
 
@@ -118,22 +117,28 @@ def check(backend, case, dtype, **kw):
     return out, grads
 
 
-GRID = list(itertools.product(DTYPES, SHAPES, CONTROLS))
+def grid():
+    """dtype x shape x ratio control, the remaining options cycled over it; the id spells every option."""
+    for i, (dtype, shape, ctrl) in enumerate(itertools.product(DTYPES, SHAPES, CONTROLS)):
+        T, agg, beta, bias, entropy = (1.0, 0.7)[i % 2], LOSS_AGG_MODES[(i // 2) % 4], (0.0, 0.1)[(i // 3) % 2], \
+            i % 3 != 0, i % 2 == 1
+        yield pytest.param(dtype, shape, ctrl, T, agg, beta, bias, entropy, i,
+                           id=f"{dtype}-{shape}-{ctrl}-T{T}-{agg}-beta{beta}-{('nobias', 'bias')[bias]}-"
+                              f"{('logp', 'entropy')[entropy]}-seed{i}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype,shape,ctrl", GRID, ids=[f"{d}-{s}-{c}" for d, s, c in GRID])
-def test_grid(backend, dtype, shape, ctrl):
-    i = GRID.index((dtype, shape, ctrl))  # cycle the remaining options over the grid
-    kw = dict(temperature=(1.0, 0.7)[i % 2], loss_agg_mode=LOSS_AGG_MODES[(i // 2) % 4],
-              beta=(0.0, 0.1)[(i // 3) % 2], chunk_size=16, ratio_control=CONTROLS[ctrl])
-    case = make_linear_case(SHAPES[shape], V, H, DTYPES[dtype], backend=backend, seed=i, bias=bool(i % 3))
-    check(backend, case, DTYPES[dtype], upstream_seed=i, return_entropy=bool(i % 2), **kw)
+@pytest.mark.parametrize("dtype,shape,ctrl,temperature,agg,beta,bias,return_entropy,seed", list(grid()))
+def test_grid(backend, dtype, shape, ctrl, temperature, agg, beta, bias, return_entropy, seed):
+    kw = dict(temperature=temperature, loss_agg_mode=agg, beta=beta, chunk_size=16, ratio_control=CONTROLS[ctrl])
+    case = make_linear_case(SHAPES[shape], V, H, DTYPES[dtype], backend=backend, seed=seed, bias=bias)
+    check(backend, case, DTYPES[dtype], upstream_seed=seed, return_entropy=return_entropy, **kw)
 
 
 OPTIONS = list(itertools.product(LOSS_AGG_MODES, (1.0, 0.7), (0.0, 0.1)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("agg,temperature,beta", OPTIONS,
                          ids=[f"{a}-T{t}-beta{b}" for a, t, b in OPTIONS])
@@ -143,6 +148,7 @@ def test_options(backend, agg, temperature, beta):
           return_entropy=False, unit_upstream=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("chunk_size", [1, 5, 37, 1000, None])
 def test_chunk_sizes_agree(backend, chunk_size):

@@ -15,8 +15,7 @@ from mhpo_kernels import fused_linear
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 from mhpo_kernels.fused_linear import default_chunk_sizes
 
-from conftest import SCALAR_TOL, TOL, assert_close
-from util import device_for, fused_backends
+from util import SCALAR_TOL, TOL, assert_close, device_for, fused_backends
 
 FUSED = fused_backends()  # each on its own device
 H, V = 24, 257
@@ -45,8 +44,8 @@ def make_case(N, dtype, *, backend, seed, ref_head=False, bias=True, shape=None)
         Hr = H + 8
         head = (torch.randn(*shape, Hr, generator=g), torch.randn(V, Hr, generator=g) * 0.5,
                 torch.randn(V, generator=g) * 0.5)
-    cast = lambda t: None if t is None else t.to(dev, dtype if t.is_floating_point() else t.dtype)  # noqa: E731
-    fixed = lambda t: t.to(dev)  # noqa: E731
+    cast = lambda t: None if t is None else t.to(dev, dtype if t.is_floating_point() else t.dtype)
+    fixed = lambda t: t.to(dev)
     return (cast(hidden), cast(weight), cast(b), fixed(ids), fixed(old), fixed(adv), fixed(mask),
             None if head is None else tuple(cast(t) for t in head))
 
@@ -144,24 +143,33 @@ def check(backend, case, dtype, **kw):
     return out, grads
 
 
-SEQ = list(itertools.product(("gspo", "mhpo-seq"), ("padded", "packed"), ("fp32", "bf16")))
+def seq_grid():
+    """ratio control x layout x dtype, the remaining options cycled over it; the id spells every option."""
+    for i, (ctrl, layout, dtype) in enumerate(itertools.product(("gspo", "mhpo-seq"), ("padded", "packed"),
+                                                                ("fp32", "bf16"))):
+        agg, T, chunk, vchunk, entropy = LOSS_AGG_MODES[i % 4], (1.0, 0.7)[i % 2], (37, 8)[i % 2], \
+            (64, 100)[i % 2], i % 2 == 1
+        yield pytest.param(ctrl, layout, dtype, agg, T, chunk, vchunk, entropy, i,
+                           id=f"{ctrl}-{layout}-{dtype}-{agg}-T{T}-chunk{chunk}-vchunk{vchunk}-"
+                              f"{('logp', 'entropy')[entropy]}-seed{i}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("ctrl,layout,dtype", SEQ, ids=["-".join(s) for s in SEQ])
-def test_sequence_level(backend, ctrl, layout, dtype):
+@pytest.mark.parametrize("ctrl,layout,dtype,agg,temperature,chunk,vchunk,return_entropy,seed", list(seq_grid()))
+def test_sequence_level(backend, ctrl, layout, dtype, agg, temperature, chunk, vchunk, return_entropy, seed):
     """GSPO and sequence-level MHPO, padded [B, T] or packed (cu_seqlens), every aggregation mode."""
-    i = SEQ.index((ctrl, layout, dtype))
+    i = seed
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     kw = dict(ratio_control=mk.GSPOConfig(eps_low=0.2, eps_high=0.3) if ctrl == "gspo" else mk.MHPOConfig(),
-              importance_sampling_level="sequence", loss_agg_mode=LOSS_AGG_MODES[i % 4],
-              temperature=(1.0, 0.7)[i % 2], chunk_size=(37, 8)[i % 2], vocab_chunk_size=(64, 100)[i % 2])
+              importance_sampling_level="sequence", loss_agg_mode=agg, temperature=temperature, chunk_size=chunk,
+              vocab_chunk_size=vchunk)
     if layout == "packed":
         case = make_case(37, dt, backend=backend, seed=i)
         kw["cu_seqlens"] = torch.tensor(CU, device=device_for(backend))
     else:
         case = make_case(None, dt, backend=backend, seed=i, shape=(3, 13))
-    out, _ = check(backend, case, dt, upstream_seed=i, return_entropy=bool(i % 2), **kw)
+    out, _ = check(backend, case, dt, upstream_seed=i, return_entropy=return_entropy, **kw)
     assert out.logprobs.shape == case[3].shape
 
 
@@ -217,7 +225,8 @@ def test_reference_head_shared_parts(backend):
 TILINGS = [(1, 1), (5, 16), (37, 257), (36, 256), (8, 300), (100, 7), (None, 64), (4, None)]
 # every tile is a launch: thousands of them take minutes under Triton's interpreter
 TILE_CASES = [(b, r, c) for b in FUSED for r, c in TILINGS
-              if not (b == "triton" and device_for(b).type == "cpu" and -(-37 // (r or 37)) * -(-257 // (c or 257)) > 10)]
+              if not (b == "triton" and device_for(b).type == "cpu"
+                      and -(-37 // (r or 37)) * -(-257 // (c or 257)) > 10)]
 
 
 @pytest.mark.parametrize("backend,rows,cols", TILE_CASES, ids=[f"{b}-{r}x{c}" for b, r, c in TILE_CASES])
@@ -307,6 +316,7 @@ def _peaks(*args):
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tiles", ["default", "small"])
 def test_peak_memory_below_unfused(tiles):
     """Peak extra memory (resident set, fwd + bwd, one process) against F.linear + our fused loss on
