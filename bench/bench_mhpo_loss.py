@@ -15,11 +15,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness as H  # noqa: E402
-import torch  # noqa: E402
+import harness as H
+import torch
 
-import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
+import mhpo_kernels as mk
+from mhpo_kernels.tools import bench_utils as bu
 
 OP = "mhpo_loss"
 GOAL_COPY_FRAC, GOAL_VS_LIGER, GOAL_VS_COMPILED = 0.85, 1.2, 2.0
@@ -38,11 +38,18 @@ def _setup(shape, dtype, device, seed):
     return bu.make_policy_inputs(shape.N, shape.V, dtype, device, seed=seed)
 
 
-def _ours(backend, inplace=False):
+def _ours(backend, inplace=False, fused_gradient=None):
     def fwd(s):
         return mk.mhpo_loss(s["logits"], s["ids"], s["old"], s["adv"], s["mask"], backend=backend,
-                            inplace_backward=inplace).loss
+                            inplace_backward=inplace, fused_gradient=fused_gradient).loss
     return fwd
+
+
+def has_fused_gradient(backend) -> bool:
+    """Whether ``backend`` has the forward that writes the gradient (issue 12: a ``fwd_grad`` launcher)."""
+    from mhpo_kernels import backends
+
+    return getattr(backends.get(backend), "fwd_grad", None) is not None
 
 
 def _reference(s):
@@ -96,9 +103,13 @@ def variants(args, shape):
         skip = H.interpreter_skip(b, device, shape.N * shape.V)
         if b not in mk.available_backends(device):
             skip = f"backend {b!r} not available on {device.type} (available: {mk.available_backends(device)})"
-        out.append(H.Variant(b, "ours", _setup, _ours(b), skip=skip))
+        out.append(H.Variant(b, "ours", _setup, _ours(b, fused_gradient=False), skip=skip,
+                             note="two-kernel path (fused_gradient=False)"))
+        if not skip and has_fused_gradient(b):
+            out.append(H.Variant(f"fused-grad:{b}", "ours", _setup, _ours(b, fused_gradient=True), skip=skip,
+                                 note="gradient written in the forward (fused_gradient=True, issue 12)"))
         if args.inplace:
-            out.append(H.Variant(b + "+inplace", "ours", _setup, _ours(b, True), skip=skip))
+            out.append(H.Variant(b + "+inplace", "ours", _setup, _ours(b, True, False), skip=skip))
     if "compile" in args.peers:
         out.append(H.Variant(H.COMPILED, "compiled", _setup, _compiled(), compiled=True,
                              note="torch.compile(mk.reference.mhpo_loss)"))

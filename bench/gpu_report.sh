@@ -217,14 +217,14 @@ fi
 if want memcheck; then
   SAN=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -n 1)
   if [ "$DRY" = 1 ]; then
-    run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-80}" "$W/sanitizer_case_cpu.txt" "$PYTHON" bench/sanitizer_case.py --device cpu --quick
+    run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-120}" "$W/sanitizer_case_cpu.txt" "$PYTHON" bench/sanitizer_case.py --device cpu --quick
     note "[memcheck] SKIPPED (dry mode); the case script on CPU: $(rc_word $RC) in ${TOOK}s, $(tail -n 1 "$W/sanitizer_case_cpu.txt")"
   elif [ -z "$SAN" ]; then
-    run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-80}" "$W/sanitizer_case.txt" "$PYTHON" bench/sanitizer_case.py
+    run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-120}" "$W/sanitizer_case.txt" "$PYTHON" bench/sanitizer_case.py
     note "[memcheck] compute-sanitizer NOT FOUND; the case without it: $(rc_word $RC), $(tail -n 1 "$W/sanitizer_case.txt")"
   else
     # no caching allocator: every tensor is its own allocation, so an overrun is caught
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-80}" "$W/memcheck.txt" \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 run_step memcheck "${MHPO_SANITIZER_TIMEOUT:-120}" "$W/memcheck.txt" \
         "$SAN" --tool memcheck --error-exitcode 3 "$PYTHON" bench/sanitizer_case.py
     errs=$(grep -E "ERROR SUMMARY" "$W/memcheck.txt" | tail -n 1)
     note "[memcheck] $(rc_word $RC) in ${TOOK}s: ${errs:-no summary line} ($(grep -E '^(OK|FAIL):' "$W/memcheck.txt" | tail -n 1))"

@@ -3,7 +3,9 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python bench/sanitizer_case.py
 
 Odd V (not a multiple of any block), ignore_index and masked rows, KL and
-entropy, both gradient paths (new buffer and in-place), strided rows. Each
+entropy, both gradient paths (new buffer and in-place), strided rows, and the forward
+that writes the gradient (``fused_gradient=True``, the entropy bonus inside the op as
+``entropy_coeff``) wherever a backend has it. Each
 result is also compared with the reference, so the run fails on a wrong value as
 well as on an out-of-bounds access. Without a GPU it runs the same on CPU
 backends (``--device cpu``), which checks the script itself.
@@ -35,7 +37,9 @@ def main(argv=None) -> int:
     for bi, backend in enumerate(backends):
         for ci, (shape, V) in enumerate(cases):
             for dtype in (torch.bfloat16, torch.float32):
-                for inplace in (False, True):
+                for inplace, fused in ((False, False), (True, False), (False, True), (True, True)):
+                    if fused and not hasattr(mk.backends.get(backend), "fwd_grad"):
+                        continue
                     g = torch.Generator().manual_seed(100 * bi + 10 * ci)
                     wide = (torch.randn(*shape, V + 3, generator=g) * 2).to(dtype)
                     logits = wide[..., :V].to(device)  # rows strided by V + 3
@@ -46,16 +50,21 @@ def main(argv=None) -> int:
                     mask = (torch.rand(shape, generator=g) > 0.2).float()
                     ref = old + 0.1 * torch.randn(shape, generator=g)
                     ids, old, adv, mask, ref = (t.to(device) for t in (ids, old, adv, mask, ref))
-                    kw = dict(ref_logprobs=ref, beta=0.05, return_entropy=True, temperature=0.9)
+                    kw = dict(ref_logprobs=ref, beta=0.05, return_entropy=not fused, temperature=0.9)
+                    ent = dict(entropy_coeff=0.01, fused_gradient=True) if fused else dict(fused_gradient=False)
                     x = logits.detach().clone().requires_grad_(True)
                     x_ref = logits.detach().double().requires_grad_(True)
                     out = mk.mhpo_loss(x.clone() if inplace else x, ids, old, adv, mask, backend=backend,
-                                       inplace_backward=inplace, **kw)
-                    (out.loss + 0.01 * out.entropy.sum()).backward()
+                                       inplace_backward=inplace, **kw, **ent)
                     want = mk.reference.mhpo_loss(x_ref, ids, old.double(), adv.double(), mask.double(),
-                                                  ref_logprobs=ref.double(), beta=0.05, return_entropy=True,
-                                                  temperature=0.9)
-                    (want.loss + 0.01 * want.entropy.sum()).backward()
+                                                  ref_logprobs=ref.double(), beta=0.05, return_entropy=not fused,
+                                                  temperature=0.9, entropy_coeff=0.01 if fused else 0.0)
+                    if fused:
+                        out.loss.backward()
+                        want.loss.backward()
+                    else:
+                        (out.loss + 0.01 * out.entropy.sum()).backward()
+                        (want.loss + 0.01 * want.entropy.sum()).backward()
                     if device.type == "cuda":
                         torch.cuda.synchronize()
                     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
@@ -64,7 +73,7 @@ def main(argv=None) -> int:
                     lerr = abs(out.loss.item() - want.loss.item()) / max(abs(want.loss.item()), 1e-6)
                     ok = err <= tol and lerr <= 1e-4 and torch.isfinite(x.grad).all().item()
                     bad += not ok
-                    print(f"  {backend:6s} shape={shape} V={V} {str(dtype)[6:]:8s} inplace={inplace!s:5s} "
+                    print(f"  {backend:6s} shape={shape} V={V} {str(dtype)[6:]:8s} inplace={inplace!s:5s} fused={fused!s:5s} "
                           f"grad err {err:.1e} loss err {lerr:.1e} {'ok' if ok else 'FAIL'}")
     print(f"{'FAIL' if bad else 'OK'}: {bad} failing case(s)")
     return 1 if bad else 0

@@ -4,6 +4,7 @@
 //
 // fwd: one read of each row (csrc/cpu/rows_impl.inc), then the per-token
 // epilogue (mhpo_epilogue.h). bwd: one read and one write of each row.
+// fwd_grad: both, row by row (the gradient written in the forward).
 // Semantics: the launcher contract in mhpo_kernels/backends.py.
 #include <Python.h>
 
@@ -18,6 +19,7 @@
 
 #include "cpu/rows.h"
 #include "mhpo_finish_ops.h"
+#include "mhpo_fused_grad_ops.h"
 #include "mhpo_ops.h"
 
 namespace mhpo {
@@ -84,6 +86,8 @@ inline void store_scalar(char* row, int64_t i, int dt, float v) {
   }
 }
 
+inline int64_t cpu_itemsize(int dt) { return dt == cpu::kF32 ? 4 : 2; }
+
 // Rows per parallel task: at least ~32k logits of work each.
 inline int64_t row_grain(int64_t V) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)); }
 
@@ -119,7 +123,7 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
   float *logp = logp_t.mutable_data_ptr<float>(), *lse = lse_t.mutable_data_ptr<float>();
   float *loss = loss_t.mutable_data_ptr<float>(), *coef = coef_t.mutable_data_ptr<float>();
   float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
-  float pr[kNumParams];
+  float pr[KERNEL_PARAMS];
   params_to_float(params, pr);
   const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
 
@@ -131,7 +135,8 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
       lse[n] = l;
       const int64_t y = tgt[n], yl = y - vocab_start;  // this buffer holds ids [vocab_start, vocab_start + V)
       const bool valid = y != ignore_index, owned = valid && yl >= 0 && yl < V;
-      const float lp = owned ? load_scalar(row, yl, dt) * (1.0f / T) - l : 0.0f;  // x = z * inv_t everywhere
+      // z * inv_t rounded alone, as in lse (scale_rn): exactly 0 for V = 1 whatever the compiler contracts
+      const float lp = owned ? scale_rn(load_scalar(row, yl, dt), 1.0f / T) - l : 0.0f;
       logp[n] = lp;
       if (ent != nullptr) ent[n] = valid ? h : 0.0f;
       TokenOut o{0.0f, 0.0f};
@@ -144,6 +149,28 @@ FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, co
     }
   });
   return out;
+}
+
+// One row of the backward: out = (dl * (1[v == y] - p) - de * p * (log p + h)) / T, zeros where
+// y == ignore_index. Shared by bwd and fwd_grad, so the gradient the fused-gradient forward
+// writes is bit for bit the one the two-kernel backward writes. out may be row (in place).
+inline void bwd_one_row(const RowKernels& rk, const char* row, char* orow, int64_t V, int dt, int64_t y,
+                        int64_t ignore_index, int64_t vocab_start, float inv_t, float l, float dl, bool has_ent,
+                        float h, float de) {
+  if (y == ignore_index) {
+    std::memset(orow, 0, V * cpu_itemsize(dt));  // +0.0 in every float format
+    return;
+  }
+  const int64_t yl = y - vocab_start;
+  const bool owned = yl >= 0 && yl < V;  // else the target is in another vocabulary shard
+  const float zy = owned ? load_scalar(row, yl, dt) : 0.0f;  // read before the row is (maybe) overwritten
+  rk.bwd(row, orow, V, dt, inv_t, l, h, dl, de, has_ent);
+  if (!owned) return;
+  // the target element gets the one-hot term
+  const float lp = scale_rn(zy, inv_t) - l, p = std::exp(lp);  // never contracted (V = 1: exactly 0)
+  float g = dl * (1.0f - p);
+  if (has_ent && p > 0.0f) g -= de * p * (lp + h);
+  store_scalar(orow, yl, dt, g * inv_t);
 }
 
 void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, const std::optional<Tensor>& entropy,
@@ -170,25 +197,90 @@ void bwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& lse, cons
 
   for_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const char* row = in_base + n * in_row_bytes;
-      char* orow = out_base + n * out_row_bytes;
-      const int64_t y = tgt[n];
-      if (y == ignore_index) {
-        std::memset(orow, 0, V * esz);  // +0.0 in every float format
-        continue;
-      }
-      const int64_t yl = y - vocab_start;
-      const bool owned = yl >= 0 && yl < V;  // else the target is in another vocabulary shard
-      const float zy = owned ? load_scalar(row, yl, dt) : 0.0f;  // read before the row is (maybe) overwritten
-      const float l = lse_p[n], dl = dl_p[n] * sc;
       const float h = has_ent ? ent_p[n] : 0.0f, de = has_ent ? de_p[n] : 0.0f;
-      rk.bwd(row, orow, V, dt, inv_t, l, h, dl, de, has_ent);
-      if (!owned) continue;
-      // the target element gets the one-hot term
-      const float lp = zy * inv_t - l, p = std::exp(lp);
-      float g = dl * (1.0f - p);
-      if (has_ent && p > 0.0f) g -= de * p * (lp + h);
-      store_scalar(orow, yl, dt, g * inv_t);
+      bwd_one_row(rk, in_base + n * in_row_bytes, out_base + n * out_row_bytes, V, dt, tgt[n], ignore_index,
+                  vocab_start, inv_t, lse_p[n], dl_p[n] * sc, has_ent, h, de);
+    }
+  });
+}
+
+// ---- fwd_grad: the forward that also writes the gradient. The loss is the root of the
+// graph, so its upstream gradient is taken as 1 and d loss / d logits is written while the row is
+// still in cache: per row, the forward's sweep (lse, entropy), the per-token epilogue, then the
+// backward's sweep over the same row (bwd_one_row), which a row of a few hundred KB finds in L2.
+// weight[n]: the aggregation weight w_n (0 = inactive: old / adv / ref are not read there);
+// the row's gradient is that of w_n * (loss_n - ent_coef * H_n). ----
+// (check_fwd_grad, check_scale_grad: mhpo_fused_grad_ops.h, shared with the CUDA kernels)
+FwdOut fwd_grad_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv,
+                    const std::optional<Tensor>& ref, const Tensor& weight, int64_t mode, c10::ArrayRef<double> params,
+                    double beta, double temperature, int64_t ignore_index, bool want_entropy, double ent_coef,
+                    const Tensor& grad) {
+  check_fwd_grad(logits, target, old, adv, ref, weight, mode, params, temperature, grad);
+  auto out = alloc_fwd(logits, want_entropy);
+  auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
+  const int64_t N = logits.size(0), V = logits.size(1);
+  if (N == 0) return out;
+
+  const RowKernels rk = select_row_kernels();
+  const int dt = dtype_code(logits);
+  const int64_t esz = logits.element_size();
+  const int64_t in_row_bytes = logits.stride(0) * esz, out_row_bytes = grad.stride(0) * esz;
+  const char* base = static_cast<const char*>(logits.const_data_ptr());
+  char* gbase = static_cast<char*>(grad.data_ptr());
+  const int64_t* tgt = target.const_data_ptr<int64_t>();
+  const float *old_p = old.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
+  const float* w_p = weight.const_data_ptr<float>();
+  const float* ref_p = ref.has_value() ? ref->const_data_ptr<float>() : nullptr;
+  float *logp = logp_t.mutable_data_ptr<float>(), *lse = lse_t.mutable_data_ptr<float>();
+  float *loss = loss_t.mutable_data_ptr<float>(), *coef = coef_t.mutable_data_ptr<float>();
+  float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
+  float pr[KERNEL_PARAMS];
+  params_to_float(params, pr);
+  const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
+  const float inv_t = 1.0f / T, ec = static_cast<float>(ent_coef);
+  const bool has_ent = ent_coef != 0.0, need_h = want_entropy || has_ent;
+
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      const char* row = base + n * in_row_bytes;
+      float l = 0.0f, h = 0.0f;
+      rk.fwd(row, V, dt, T, need_h, &l, &h);
+      lse[n] = l;
+      const int64_t y = tgt[n];
+      const bool valid = y != ignore_index, owned = valid && y >= 0 && y < V;
+      const float lp = owned ? scale_rn(load_scalar(row, y, dt), 1.0f / T) - l : 0.0f;  // as fwd_cpu
+      logp[n] = lp;
+      if (ent != nullptr) ent[n] = valid ? h : 0.0f;
+      const float w = w_p[n];
+      TokenOut o{0.0f, 0.0f};
+      if (valid && w != 0.0f) {  // old / adv / ref are read only on active rows
+        o = token_epilogue(static_cast<int>(mode), pr, lp, old_p[n], adv_p[n], ref_p != nullptr,
+                           ref_p != nullptr ? ref_p[n] : 0.0f, b);
+      }
+      loss[n] = o.loss;
+      coef[n] = o.coef;
+      // d loss / d logp = w * coef (what finish returns as dlogp), d loss / d H = -ent_coef * w
+      bwd_one_row(rk, row, gbase + n * out_row_bytes, V, dt, y, ignore_index, 0, inv_t, l, w * o.coef, has_ent,
+                  valid ? h : 0.0f, -ec * w);
+    }
+  });
+  return out;
+}
+
+// grad *= scale unless scale == 1 (read here, on the device: no host sync). The fused-gradient
+// forward wrote the gradient for an upstream gradient of 1; AMP's loss scaling sends another.
+void scale_grad_cpu(const Tensor& grad, const Tensor& scale) {
+  check_scale_grad(grad, scale);
+  const float sc = scale.const_data_ptr<float>()[0];
+  const int64_t N = grad.size(0), V = grad.size(1);
+  if (sc == 1.0f || N == 0) return;
+  const int dt = dtype_code(grad);
+  const int64_t row_bytes = grad.stride(0) * static_cast<int64_t>(grad.element_size());
+  char* base = static_cast<char*>(grad.data_ptr());
+  for_rows(N, V, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      char* row = base + n * row_bytes;
+      for (int64_t v = 0; v < V; ++v) store_scalar(row, v, dt, load_scalar(row, v, dt) * sc);
     }
   });
 }
@@ -210,7 +302,7 @@ void finish_serial(const FinishArgs& a) {
         }
       }
     }
-    // pass 1: the batch-wide denominators
+    // pass 1: the batch-wide denominators (the launch's agg_norm may replace them)
     float total = 0.0f, n_seq = 0.0f;
     int64_t t_max = 0;
     for (int64_t s = 0; s < a.S; ++s) {
@@ -221,8 +313,7 @@ void finish_serial(const FinishArgs& a) {
       n_seq += count != 0.0f ? 1.0f : 0.0f;
       t_max = e - b > t_max ? e - b : t_max;
     }
-    const float norm = a.cu != nullptr ? static_cast<float>(t_max) * static_cast<float>(a.S)
-                                       : static_cast<float>(a.N > 0 ? a.N : 1);
+    const float t_norm = static_cast<float>(a.cu != nullptr ? t_max : a.T);
     // pass 2: per sequence, its mask sum (and log-ratio), then each token
     for (int64_t s = 0; s < a.S; ++s) {
       const int64_t b = finish_cu(a, s), e = finish_cu(a, s + 1);
@@ -237,7 +328,7 @@ void finish_serial(const FinishArgs& a) {
         const float m = finish_mask(a, n);
         if (m == 0.0f) continue;  // old / adv / ref are read only on active rows
         const float delta = a.seq_level ? seq_delta : a.logp[n] - a.old[n];
-        const float w = finish_weight(a.agg, m, count, total, n_seq, norm);
+        const float w = finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm);
         a.dlogp[n] = finish_token(a.mode, a.params, a.beta, delta, a.adv[n], a.logp[n], a.ref != nullptr,
                                   a.ref != nullptr ? a.ref[n] : 0.0f, a.entropy != nullptr,
                                   a.entropy != nullptr ? a.entropy[n] : 0.0f, w, acc);
@@ -252,11 +343,12 @@ FinishOut finish_cpu(const Tensor& logp, const std::optional<Tensor>& entropy, c
                      const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
                      const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
                      c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
-                     int64_t num_classes, bool check) {
-  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg);
+                     int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm) {
+  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg,
+               agg_norm);
   auto out = alloc_finish(logp);
   FinishArgs a = finish_args(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params,
-                             beta, seq_level, agg, ignore_index, num_classes, check, out);
+                             beta, seq_level, agg, agg_norm, ignore_index, num_classes, check, out);
   finish_serial(a);
   return out;
 }
@@ -276,12 +368,23 @@ void bwd_meta(const Tensor& logits, const Tensor& target, const Tensor& lse, con
   check_scale(scale, logits);
 }
 
+FwdOut fwd_grad_meta(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv,
+                     const std::optional<Tensor>& ref, const Tensor& weight, int64_t mode, c10::ArrayRef<double> params,
+                     double beta, double temperature, int64_t ignore_index, bool want_entropy, double ent_coef,
+                     const Tensor& grad) {
+  check_fwd_grad(logits, target, old, adv, ref, weight, mode, params, temperature, grad);
+  return alloc_fwd(logits, want_entropy);
+}
+
+void scale_grad_meta(const Tensor& grad, const Tensor& scale) { check_scale_grad(grad, scale); }
+
 FinishOut finish_meta(const Tensor& logp, const std::optional<Tensor>& entropy, const Tensor& old, const Tensor& adv,
                       const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
                       const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
                       c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
-                      int64_t num_classes, bool check) {
-  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg);
+                      int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm) {
+  check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg,
+               agg_norm);
   return alloc_finish(logp);
 }
 
@@ -299,7 +402,13 @@ TORCH_LIBRARY(mhpo_kernels_C, m) {
   m.def(
       "finish(Tensor logp, Tensor? entropy, Tensor old, Tensor adv, Tensor? mask, Tensor? ref, Tensor target, "
       "Tensor? cu_seqlens, int num_seqs, int seq_len, int mode, float[] params, float beta, bool seq_level, int agg, "
-      "int ignore_index, int num_classes, bool check) -> (Tensor loss, Tensor dlogp, Tensor metrics, Tensor bad)");
+      "int ignore_index, int num_classes, bool check, float[] agg_norm) "
+      "-> (Tensor loss, Tensor dlogp, Tensor metrics, Tensor bad)");
+  m.def(
+      "fwd_grad(Tensor logits, Tensor target, Tensor old, Tensor adv, Tensor? ref, Tensor weight, int mode, "
+      "float[] params, float beta, float temperature, int ignore_index, bool want_entropy, float ent_coef, "
+      "Tensor(a!) grad) -> (Tensor logp, Tensor entropy, Tensor lse, Tensor loss, Tensor coef)");
+  m.def("scale_grad(Tensor(a!) grad, Tensor scale) -> ()");
   m.def("cpu_isa() -> str", &mhpo::cpu_isa);
 }
 
@@ -307,12 +416,16 @@ TORCH_LIBRARY_IMPL(mhpo_kernels_C, CPU, m) {
   m.impl("fwd", &mhpo::fwd_cpu);
   m.impl("bwd", &mhpo::bwd_cpu);
   m.impl("finish", &mhpo::finish_cpu);
+  m.impl("fwd_grad", &mhpo::fwd_grad_cpu);
+  m.impl("scale_grad", &mhpo::scale_grad_cpu);
 }
 
 TORCH_LIBRARY_IMPL(mhpo_kernels_C, Meta, m) {
   m.impl("fwd", &mhpo::fwd_meta);
   m.impl("bwd", &mhpo::bwd_meta);
   m.impl("finish", &mhpo::finish_meta);
+  m.impl("fwd_grad", &mhpo::fwd_grad_meta);
+  m.impl("scale_grad", &mhpo::scale_grad_meta);
 }
 
 MHPO_PY_MODULE(_C_cpu)

@@ -23,7 +23,7 @@ import mhpo_kernels
 from mhpo_kernels import reference
 from mhpo_kernels.config import MODE_NONE, MODE_SAPO, ClipConfig, MHPOConfig, SAPOConfig
 
-from conftest import SCALAR_TOL, TOL, assert_close
+from util import SCALAR_TOL, TOL, assert_close
 
 try:
     from mhpo_kernels.backends import native as _native
@@ -514,10 +514,68 @@ def test_cuda_extension_has_sm80_sm90_sass():
     assert "fwd_kernel" in sass and "bwd_kernel" in sass
 
 
+# the row kernels (csrc/mhpo_cuda.cu, csrc/mhpo_fused_grad.cu): no stack frame, no local memory
+NO_SPILL_KERNELS = ("fwd_kernel", "bwd_kernel", "fg_rows_kernel", "fg_cluster_kernel", "scale_kernel")
+
+
+def _by_arch_and_function(text, start):
+    """{arch: {function: [lines]}} of cuobjdump output whose function headers start with ``start``."""
+    out, arch, fn = {}, None, None
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("arch = "):
+            arch, fn = s.split("=", 1)[1].strip(), None
+        elif s.startswith(start):
+            fn = s[len(start):].strip().rstrip(":")
+            out.setdefault(arch, {})[fn] = []
+        elif fn is not None:
+            out[arch][fn].append(s)
+    return out
+
+
+@pytest.mark.skipif(not CUDA_SO, reason="mhpo_kernels._C_cuda is not built")
+def test_cuda_kernels_do_not_spill():
+    """Every instantiation of the row kernels (fwd, bwd, fwd_grad's cluster and two-read kernels,
+    scale_grad), sm_80 and sm_90: STACK:0 and LOCAL:0 in the SASS (ptxas spills to the stack), so a
+    spill fails CI."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the extension")
+    text = subprocess.run([tool, "--dump-resource-usage", CUDA_SO[0]], capture_output=True, text=True,
+                          check=True).stdout
+    usage = _by_arch_and_function(text, "Function ")
+    for arch in ("sm_80", "sm_90"):
+        fns = {f: " ".join(lines) for f, lines in usage.get(arch, {}).items()}
+        for kernel in NO_SPILL_KERNELS:
+            found = {f: u for f, u in fns.items() if kernel in f}
+            assert found, f"no {kernel} in the {arch} SASS of {CUDA_SO[0]}"
+            for f, u in found.items():
+                assert "STACK:0 " in u and "LOCAL:0 " in u, f"{arch} {f}: a stack frame or local memory (spill?): {u}"
+
+
+@pytest.mark.skipif(not CUDA_SO, reason="mhpo_kernels._C_cuda is not built")
+def test_cluster_kernel_is_a_cluster_kernel_on_sm90():
+    """The sm_90 SASS of every fg_cluster_kernel has cluster barriers (UCGABAR_ARV / _WAIT: the
+    statistics exchanged through distributed shared memory) and asynchronous global -> shared
+    copies (LDGSTS: cp.async); the sm_80 one has neither (an empty body, never launched there:
+    without clusters the plan takes two reads)."""
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the extension")
+    text = subprocess.run([tool, "-sass", CUDA_SO[0]], capture_output=True, text=True, check=True).stdout
+    sass = _by_arch_and_function(text, "Function : ")
+    for arch, want in (("sm_90", True), ("sm_80", False)):
+        found = {f: "\n".join(lines) for f, lines in sass.get(arch, {}).items() if "fg_cluster_kernel" in f}
+        assert len(found) == 6, f"{arch}: 3 dtypes x (entropy or not) instantiations, got {list(found)}"
+        for f, code in found.items():
+            for op in ("UCGABAR_ARV", "UCGABAR_WAIT", "LDGSTS"):
+                assert (op in code) == want, f"{arch} {f}: {op} {'missing' if want else 'present'}"
+
+
 @pytest.mark.skipif(not CUDA_SO, reason="mhpo_kernels._C_cuda is not built")
 def test_cuda_ops_registered():
     assert HAVE_CUDA_EXT, "_C_cuda is built but does not load"
-    for op in ("fwd", "bwd"):
+    for op in ("fwd", "bwd", "fwd_grad", "scale_grad"):
         name = f"mhpo_kernels_C::{op}"
         for key in ("CPU", "CUDA", "Meta"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(name, key), f"{name} has no {key} kernel"

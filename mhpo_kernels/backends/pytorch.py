@@ -14,8 +14,8 @@ import torch
 
 from .._finish import BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO
 from ..config import MODE_NONE, ClipConfig, GSPOConfig, MHPOConfig, from_kernel_params
-from ..epilogue import _clip, clip_limits, mhpo_parts, token_epilogue
-from ..sequences import Sequences
+from ..epilogue import _clip, clip_limits, k3, mhpo_parts, token_epilogue
+from ..sequences import NO_NORM, Sequences
 
 _SLOT = {name: i for i, name in enumerate(METRICS)}
 
@@ -63,6 +63,24 @@ def bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, ou
     return out
 
 
+def fwd_grad(logits, target, old, adv, ref, weight, mode, params, beta, temperature, ignore_index, want_entropy,
+             ent_coef, grad):
+    """``fwd`` (rows with ``weight == 0`` inactive) and the gradient of ``weight * (loss - ent_coef * entropy)``
+    written into ``grad``: the contract's optional launcher, as ``fwd`` then ``bwd``."""
+    need_h = bool(want_entropy) or ent_coef != 0
+    logp, entropy, lse, loss, coef = fwd(logits, target, old, adv, weight, ref, mode, params, beta, temperature,
+                                         ignore_index, need_h)
+    dent = weight * -ent_coef if ent_coef != 0 else None
+    bwd(logits, target, lse, entropy if dent is not None else None, weight * coef, dent, temperature, ignore_index,
+        grad)
+    return logp, entropy if want_entropy else entropy.new_empty(0), lse, loss, coef
+
+
+def scale_grad(grad, scale):
+    """``grad *= scale`` (unconditional here: multiplying by 1 is exact)."""
+    grad.mul_(scale)
+
+
 def _config(mode, params):
     if mode == MODE_NONE:
         return None
@@ -89,7 +107,7 @@ def _bad(target, cu_seqlens, N, num_classes, ignore_index, check):
 
 
 def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-           seq_level, agg, ignore_index, num_classes, check):
+           seq_level, agg, ignore_index, num_classes, check, agg_norm=None):
     """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step in torch."""
     N = logp.shape[0]
     dt = logp.dtype
@@ -106,10 +124,10 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
     cfg = _config(mode, params)
     if cfg is None:
         value = coef = zero
-        kl = None if d is None else torch.expm1(d) - d
+        kl = None if d is None else k3(d)[0]  # the same k3 as token_epilogue's
     else:
         value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active)
-    w = seqs.weights(m, agg)
+    w = seqs.weights(m, agg, NO_NORM if agg_norm is None else agg_norm)
     loss = (w * value).sum()
     dlogp = w * coef
     metrics = _metrics(cfg, delta, a, active, entropy, kl, dt)
@@ -120,7 +138,7 @@ def _metrics(cfg, delta, adv, active, entropy, kl, dt):
     """The 13 metric slots of ``_finish.METRICS``: means over active tokens, ``ratio_*`` = exp of the
     extreme log-ratio (1 with no active token); slots the call does not report are 0."""
     n = active.sum().clamp(min=1).to(dt)
-    mean = lambda x: (torch.where(active, x, 0.0)).sum() / n  # noqa: E731
+    mean = lambda x: (torch.where(active, x, 0.0)).sum() / n
     vals = {"kl_old": mean(-delta)}
     neg_inf = torch.full_like(delta, float("-inf"))
     if delta.numel():

@@ -80,7 +80,7 @@ def _make(shape, V, dtype, device, seed, kw):
     mask = (torch.rand(shape, generator=g) > 0.15).float()
     ref = (logp + 0.2 * torch.randn(shape, generator=g)) if kw.get("beta") else None
     upstream = torch.randn((), generator=g).abs() + 0.5
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device)
     return to(logits), to(ids), to(old), to(adv), to(mask), to(ref), float(upstream)
 
 
@@ -95,12 +95,15 @@ def _err(actual, expected, atol_rel, rtol):
     return (err.max().item() if err.numel() else 0.0), ((err / bound).max().item() if err.numel() else 0.0)
 
 
-def _run_backend(mk, backend, logits, ids, old, adv, mask, ref, upstream, kw, device, timed=True):
+def _run_backend(mk, backend, logits, ids, old, adv, mask, ref, upstream, kw, device, timed=True,
+                 fused_gradient=None):
     from .bench_utils import PeakMemory, sync
 
     x = logits.detach().clone().requires_grad_(True)
     fn = mk.reference.mhpo_loss if backend == "reference" else mk.mhpo_loss
     extra = {} if backend == "reference" else {"backend": backend}
+    if fused_gradient is not None:
+        extra["fused_gradient"] = fused_gradient
     def call():
         x.grad = None
         out = fn(x, ids, old, adv, mask, ref_logprobs=ref, **kw, **extra)
@@ -128,9 +131,9 @@ def main(argv=None) -> int:
                    help="CPU: run the Triton backend through Triton's interpreter (auto: when no GPU is present)")
     args = p.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu" and args.interpret != "off" and "triton_kernels" not in sys.modules:
+    if device.type == "cpu" and args.interpret != "off" and "mhpo_kernels.triton_kernels" not in sys.modules:
         if args.interpret == "on" or not torch.cuda.is_available():
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton_kernels is first imported
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the Triton kernels are first imported
 
     import mhpo_kernels as mk
 
@@ -147,6 +150,16 @@ def main(argv=None) -> int:
     for b in unknown:
         print(f"  {b}: not available on {device.type} ({unavailable_reason(b, device)}); skipped")
     backends = [b for b in backends if b in avail]
+    # the forward that writes the gradient is opt-in on GPUs: each backend with a fwd_grad
+    # launcher gets a second row with fused_gradient=True (on the CPU it is already the default)
+    from .. import backends as registry
+    from .._fused_grad import AUTO_DEVICES
+
+    runs = []
+    for b in backends:
+        runs.append((b, None))
+        if device.type not in AUTO_DEVICES and getattr(registry.get(b), "fwd_grad", None) is not None:
+            runs.append((b, True))
     if device.type == "cpu" and "triton" not in avail and args.interpret != "off":
         print(f"  triton: {unavailable_reason('triton', device)}; skipped")
 
@@ -158,19 +171,21 @@ def main(argv=None) -> int:
                                            mask.double(), None if ref is None else ref.double(), up, kw, device,
                                            timed=False)
         gtol = GRAD_TOL[dtype]
-        for b in backends:
+        for b, fused in runs:
+            name = b if fused is None else f"{b} fused-grad"
             n_elems = logits.numel()
             if b == "triton" and device.type == "cpu" and n_elems > INTERPRET_MAX_ELEMS:
                 note = (f"triton (interpreter) skipped on '{label}': {n_elems:,} logits would take more than "
                         f"a few seconds at ~1 us/element")
                 notes.append(note)
-                rows.append([label, b, "-", "-", "-", "-", "-", "skipped"])
+                rows.append([label, name, "-", "-", "-", "-", "-", "skipped"])
                 continue
             try:
-                out, grad, ms, peak = _run_backend(mk, b, logits, ids, old, adv, mask, ref, up, kw, device)
-            except Exception as e:  # noqa: BLE001 - a crash is a failure, reported in the table
+                out, grad, ms, peak = _run_backend(mk, b, logits, ids, old, adv, mask, ref, up, kw, device,
+                                                   fused_gradient=fused)
+            except Exception as e:  # a crash is a failure, reported in the table
                 failed = True
-                rows.append([label, b, "-", "-", "-", "-", "-", f"FAIL: {type(e).__name__}: {e}"[:120]])
+                rows.append([label, name, "-", "-", "-", "-", "-", f"FAIL: {type(e).__name__}: {e}"[:120]])
                 continue
             e_loss = _err(out.loss, truth.loss, *SCALAR_TOL)
             e_logp = _err(out.logprobs, truth.logprobs, *SCALAR_TOL)
@@ -180,7 +195,7 @@ def main(argv=None) -> int:
                 worst = max(worst, _err(out.entropy, truth.entropy, *SCALAR_TOL)[1])
             ok = worst <= 1.0
             failed |= not ok
-            rows.append([label, b, f"{e_loss[0]:.1e}", f"{e_logp[0]:.1e}", f"{e_grad[0]:.1e}",
+            rows.append([label, name, f"{e_loss[0]:.1e}", f"{e_logp[0]:.1e}", f"{e_grad[0]:.1e}",
                          f"{ms:.1f}", fmt_bytes(peak), f"{'ok' if ok else 'FAIL'} ({worst:.2f} of tol)"])
     print()
     print(table(rows, ["case", "backend", "err loss", "err logp", "err grad", "fwd+bwd ms", "peak extra mem",
@@ -191,7 +206,7 @@ def main(argv=None) -> int:
           "(grad: atol = tol * max|grad|, + rtol * |grad|; loss, logp: fp32 tolerance)")
     print("- time: one warm call; peak memory: the first call, above the inputs (CPU: resident-set high-water mark); "
           "for real numbers use bench/")
-    print(f"\n{'FAIL' if failed else 'OK'}: {len(backends)} backend(s), {len(_cases(args.quick, not args.no_large))} "
+    print(f"\n{'FAIL' if failed else 'OK'}: {len(runs)} backend run(s), {len(_cases(args.quick, not args.no_large))} "
           f"case(s) in {time.perf_counter() - t_start:.1f} s")
     return 1 if failed else 0
 
