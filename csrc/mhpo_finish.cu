@@ -68,9 +68,9 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   }
   if (block_max_i64(bad_layout, sh_i) != 0) {
     if (tid == 0) {
-      float m[kNumMetrics];
+      float m[NUM_METRICS];
       finish_metrics(finish_acc_empty(), m);
-      for (int i = 0; i < kNumMetrics; ++i) a.metrics[i] = m[i];
+      for (int i = 0; i < NUM_METRICS; ++i) a.metrics[i] = m[i];
       a.loss[0] = 0.0f, a.bad[0] = BAD_CU_SEQLENS, a.bad[1] = -1;
     }
     return;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   first_bad = block_min_i64(first_bad, sh_i);
 
   // pass 1: the batch-wide denominators
-  const bool per_seq_count = a.agg == AGG_SEQ_MEAN_TOKEN_MEAN || a.agg == AGG_SEQ_MEAN_TOKEN_SUM;
+  const bool per_seq_count = finish_counts_sequences(a.agg);
   float total = 0.0f, n_seq = 0.0f;
   if (per_seq_count) {
     for (int64_t s = 0; s < a.S; ++s) {
@@ -108,8 +108,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     for (int64_t s = tid; s < a.S; s += kThreads) t_max = max(t_max, finish_cu(a, s + 1) - finish_cu(a, s));
     t_max = block_max_i64(t_max, sh_i);
   }
-  const float norm = a.cu != nullptr ? static_cast<float>(t_max) * static_cast<float>(a.S)
-                                     : static_cast<float>(a.N > 0 ? a.N : 1);
+  const float t_norm = static_cast<float>(a.cu != nullptr ? t_max : a.T);
 
   // pass 2: each token (per sequence when its weight or log-ratio needs the sequence's sums)
   FinishAcc acc = finish_acc_empty();
@@ -132,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
       const float m = finish_mask(a, n);
       if (m == 0.0f) continue;  // old / adv / ref are read only on active rows
       const float delta = a.seq_level ? seq_delta : a.logp[n] - a.old[n];
-      const float w = finish_weight(a.agg, m, count, total, n_seq, norm);
+      const float w = finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm);
       a.dlogp[n] = finish_token(a.mode, a.params, a.beta, delta, a.adv[n], a.logp[n], a.ref != nullptr,
                                 a.ref != nullptr ? a.ref[n] : 0.0f, a.entropy != nullptr,
                                 a.entropy != nullptr ? a.entropy[n] : 0.0f, w, acc);
@@ -140,9 +139,9 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
   }
   acc = block_merge(acc, sh_acc);
   if (tid == 0) {
-    float m[kNumMetrics];
+    float m[NUM_METRICS];
     finish_metrics(acc, m);
-    for (int i = 0; i < kNumMetrics; ++i) a.metrics[i] = m[i];
+    for (int i = 0; i < NUM_METRICS; ++i) a.metrics[i] = m[i];
     a.loss[0] = acc.loss;
     a.bad[0] = first_bad == INT64_MAX ? BAD_NONE : BAD_TARGET;
     a.bad[1] = first_bad == INT64_MAX ? -1 : first_bad;

@@ -5,7 +5,8 @@
 // weights, the loss, the per-token d loss / d logp the backward kernel scales
 // by the upstream gradient, and every metric, in one launch.
 //
-// Python side (layouts, ids, error decoding): mhpo_kernels/_finish.py.
+// Python side (error decoding): mhpo_kernels/_finish.py; the mode, aggregation and
+// bad-input ids and the metric slots: mhpo_constants.h (from mhpo_kernels/_constants.py).
 #pragma once
 
 #include <cmath>
@@ -15,21 +16,10 @@
 
 namespace mhpo {
 
-// Finish-only ratio-control id: GSPO's clip of the sequence log-ratio
-// (clamped at max = 10, no lower clamp). Ids 0..3 are the kernel modes.
-constexpr int MODE_GSPO = 4;
-constexpr float kGspoLogRatioLimit = 10.0f;
-
-enum Agg : int { AGG_TOKEN_MEAN = 0, AGG_SEQ_MEAN_TOKEN_MEAN = 1, AGG_SEQ_MEAN_TOKEN_SUM = 2, AGG_SEQ_SUM_NORM = 3 };
-
-// metrics[] slots (means over active tokens; ratio_* = exp of the extreme log-ratio).
-enum Metric : int {
-  MET_KL_OLD = 0, MET_RATIO_MAX, MET_RATIO_MIN, MET_PSI, MET_ZETA, MET_SURVIVAL, MET_LOW_SURVIVAL,
-  MET_CLIP_LOW, MET_CLIP_HIGH, MET_CLIP, MET_DUAL_CLIP, MET_ENTROPY, MET_KL_REF, kNumMetrics
-};
-
-// bad[] = (kind, position): what the host raises about after the launch.
-enum BadKind : int { BAD_NONE = 0, BAD_TARGET = 1, BAD_CU_SEQLENS = 2 };
+// MODE_GSPO (finish only): GSPO's clip of the sequence log-ratio (clamped at max =
+// GSPO_LOG_RATIO_LIMIT, no lower clamp). metrics[] (Metric slots): means over active
+// tokens; ratio_* = exp of the extreme log-ratio. bad[] = (BadKind, position): what the
+// host raises about after the launch.
 
 // Sums over active tokens (ACC_* index s[]), plus the loss, the active count and the extremes.
 enum AccSlot : int {
@@ -84,22 +74,24 @@ MHPO_HD float finish_token(int mode, const float* p, float beta, float delta, fl
     acc.s[ACC_LOW_SURVIVAL] += survival < 0.5f ? 1.0f : 0.0f;
   } else if (mode == MODE_CLIP || mode == MODE_GSPO) {
     const bool gspo = mode == MODE_GSPO;
-    const float lo = gspo ? -INFINITY : -kLogRatioLimit, hi = gspo ? kGspoLogRatioLimit : kLogRatioLimit;
+    const float lo = gspo ? -INFINITY : -CLIP_LOG_RATIO_LIMIT, hi = gspo ? GSPO_LOG_RATIO_LIMIT : CLIP_LOG_RATIO_LIMIT;
     float unclipped_loss;
     o = clip_token_limits(delta, adv, p, lo, hi, &unclipped_loss);
+    const ClipParams q = ClipParams::load(p);  // GSPO's layout is its prefix
     const float r = expf(fminf(fmaxf(delta, lo), hi));
-    acc.s[ACC_CLIP_LOW] += (r < 1.0f - p[0] && adv < 0.0f) ? 1.0f : 0.0f;
-    acc.s[ACC_CLIP_HIGH] += (r > 1.0f + p[1] && adv > 0.0f) ? 1.0f : 0.0f;
-    acc.s[ACC_DUAL_CLIP] += (p[2] > 0.0f && adv < 0.0f && unclipped_loss > -p[2] * adv) ? 1.0f : 0.0f;
+    acc.s[ACC_CLIP_LOW] += (r < 1.0f - q.eps_low && adv < 0.0f) ? 1.0f : 0.0f;
+    acc.s[ACC_CLIP_HIGH] += (r > 1.0f + q.eps_high && adv > 0.0f) ? 1.0f : 0.0f;
+    acc.s[ACC_DUAL_CLIP] +=
+        (q.dual_clip_c > 0.0f && adv < 0.0f && unclipped_loss > -q.dual_clip_c * adv) ? 1.0f : 0.0f;
   } else if (mode == MODE_SAPO) {
     o = sapo_token(delta, adv, p);
   }
   if (has_ref) {
-    const float d = ref - logp;
-    const float em1 = expm1f(d);
-    acc.s[ACC_KL_REF] += em1 - d;
+    float em1;
+    const float kl = k3_kl(ref - logp, &em1);
+    acc.s[ACC_KL_REF] += kl;
     if (beta != 0.0f) {  // with beta = 0, ref only feeds the metric (0 * inf would be NaN)
-      o.loss += beta * (em1 - d);
+      o.loss += beta * kl;
       o.coef -= beta * em1;
     }
   }
@@ -115,28 +107,46 @@ MHPO_HD void finish_metrics(const FinishAcc& a, float* m) {
   m[MET_KL_OLD] = a.s[ACC_NEG_DELTA] / n;
   m[MET_RATIO_MAX] = expf(any ? a.dmax : 0.0f);
   m[MET_RATIO_MIN] = expf(any ? a.dmin : 0.0f);
-  m[MET_PSI] = a.s[ACC_PSI] / n;
-  m[MET_ZETA] = a.s[ACC_ZETA] / n;
-  m[MET_SURVIVAL] = a.s[ACC_SURVIVAL] / n;
-  m[MET_LOW_SURVIVAL] = a.s[ACC_LOW_SURVIVAL] / n;
-  m[MET_CLIP_LOW] = a.s[ACC_CLIP_LOW] / n;
-  m[MET_CLIP_HIGH] = a.s[ACC_CLIP_HIGH] / n;
-  m[MET_CLIP] = (a.s[ACC_CLIP_LOW] + a.s[ACC_CLIP_HIGH]) / n;
-  m[MET_DUAL_CLIP] = a.s[ACC_DUAL_CLIP] / n;
-  m[MET_ENTROPY] = a.s[ACC_ENTROPY] / n;
+  m[MET_PSI_MEAN] = a.s[ACC_PSI] / n;
+  m[MET_ZETA_MEAN] = a.s[ACC_ZETA] / n;
+  m[MET_SURVIVAL_MEAN] = a.s[ACC_SURVIVAL] / n;
+  m[MET_LOW_SURVIVAL_FRAC] = a.s[ACC_LOW_SURVIVAL] / n;
+  m[MET_CLIPFRAC_LOW] = a.s[ACC_CLIP_LOW] / n;
+  m[MET_CLIPFRAC_HIGH] = a.s[ACC_CLIP_HIGH] / n;
+  m[MET_CLIPFRAC] = (a.s[ACC_CLIP_LOW] + a.s[ACC_CLIP_HIGH]) / n;
+  m[MET_DUAL_CLIPFRAC] = a.s[ACC_DUAL_CLIP] / n;
+  m[MET_ENTROPY_MEAN] = a.s[ACC_ENTROPY] / n;
   m[MET_KL_REF] = a.s[ACC_KL_REF] / n;
 }
 
-// The per-sequence factor a_s of the weights w_n = m_n * a_s (safe_div as in
-// mhpo_kernels/_inputs.py). count: the sequence's mask sum; total: the batch's;
-// n_seq: sequences with count != 0; norm: B*T (padded) or S*T_max (packed).
-MHPO_HD float finish_weight(int agg, float m, float count, float total, float n_seq, float norm) {
+// The normalisers of the aggregation (verl 0.9.1's agg_loss): agg_norm[] of the launch
+// (mhpo_kernels/_inputs.py agg_norm). global_count > 0 replaces the local denominator
+// (token-mean: the mask sum; seq-mean-*: the non-empty sequences); loss_scale_factor > 0
+// replaces seq-mean-token-sum-norm's T; dp_size multiplies every weight.
+struct AggNorm {
+  float global_count, loss_scale_factor, dp_size;
+};
+
+// The weight w_n = m_n * a_s of a token (safe_div: an empty batch gives 0). count: its
+// sequence's mask sum; total: the batch's; n_seq: sequences with count != 0; t_norm: the
+// default loss_scale_factor, T (padded) or the longest sequence (packed).
+MHPO_HD float finish_weight(int agg, const AggNorm& g, float m, float count, float total, float n_seq,
+                            float t_norm) {
+  const float md = m * g.dp_size;
+  const float n_tok = g.global_count > 0.0f ? g.global_count : total;
+  const float n_sq = g.global_count > 0.0f ? g.global_count : n_seq;
   switch (agg) {
-    case AGG_TOKEN_MEAN: return safe_div_f(m, total);
-    case AGG_SEQ_MEAN_TOKEN_MEAN: return safe_div_f(safe_div_f(m, count), n_seq);
-    case AGG_SEQ_MEAN_TOKEN_SUM: return safe_div_f(m, n_seq);
-    default: return safe_div_f(m, norm);
+    case AGG_TOKEN_MEAN: return safe_div_f(md, n_tok);
+    case AGG_TOKEN_SUM: return md;
+    case AGG_SEQ_MEAN_TOKEN_MEAN: return safe_div_f(safe_div_f(md, count), n_sq);
+    case AGG_SEQ_MEAN_TOKEN_SUM: return safe_div_f(md, n_sq);
+    default: return safe_div_f(md, n_sq * (g.loss_scale_factor > 0.0f ? g.loss_scale_factor : t_norm));
   }
+}
+
+// Whether pass 1 needs the per-sequence mask sums (the non-empty sequence count).
+MHPO_HD bool finish_counts_sequences(int agg) {
+  return agg == AGG_SEQ_MEAN_TOKEN_MEAN || agg == AGG_SEQ_MEAN_TOKEN_SUM || agg == AGG_SEQ_MEAN_TOKEN_SUM_NORM;
 }
 
 // Everything a finish launch reads and writes (plain pointers: CPU or device).
@@ -147,13 +157,14 @@ struct FinishArgs {
   bool cu_is_int64;
   int64_t N, S, T;
   int32_t mode;
-  float params[kNumParams];
+  float params[KERNEL_PARAMS];
   float beta;
   bool seq_level;
   int32_t agg;
+  AggNorm norm;
   int64_t ignore_index, num_classes;
   bool check;  // scan for target ids outside [0, num_classes)
-  float *loss, *dlogp, *metrics;  // loss: 1 value; dlogp: [N]; metrics: [kNumMetrics]
+  float *loss, *dlogp, *metrics;  // loss: 1 value; dlogp: [N]; metrics: [NUM_METRICS]
   int64_t* bad;  // [2]: (BadKind, position)
 };
 

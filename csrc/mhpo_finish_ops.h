@@ -31,7 +31,7 @@ inline void check_finish(const at::Tensor& logp, const std::optional<at::Tensor>
                          const at::Tensor& adv, const std::optional<at::Tensor>& mask,
                          const std::optional<at::Tensor>& ref, const at::Tensor& target,
                          const std::optional<at::Tensor>& cu, int64_t num_seqs, int64_t seq_len, int64_t mode,
-                         c10::ArrayRef<double> params, int64_t agg) {
+                         c10::ArrayRef<double> params, int64_t agg, c10::ArrayRef<double> agg_norm) {
   TORCH_CHECK(logp.dim() == 1 && logp.scalar_type() == at::kFloat && logp.is_contiguous(),
               "mhpo_kernels_C.finish: logp must be a contiguous [N] float32 tensor");
   if (entropy.has_value()) check_finish_row("entropy", *entropy, logp);
@@ -51,8 +51,11 @@ inline void check_finish(const at::Tensor& logp, const std::optional<at::Tensor>
                 seq_len);
   }
   TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_GSPO, "mhpo_kernels_C.finish: unknown mode ", mode);
-  TORCH_CHECK(params.size() == kNumParams, "mhpo_kernels_C.finish: params must have ", kNumParams, " values");
-  TORCH_CHECK(agg >= AGG_TOKEN_MEAN && agg <= AGG_SEQ_SUM_NORM, "mhpo_kernels_C.finish: unknown agg ", agg);
+  TORCH_CHECK(params.size() == KERNEL_PARAMS, "mhpo_kernels_C.finish: params must have ", KERNEL_PARAMS, " values");
+  TORCH_CHECK(agg >= 0 && agg < NUM_AGG, "mhpo_kernels_C.finish: unknown agg ", agg);
+  TORCH_CHECK(agg_norm.size() == NUM_AGG_NORM, "mhpo_kernels_C.finish: agg_norm must have ", NUM_AGG_NORM, " values");
+  TORCH_CHECK(agg_norm[0] >= 0 && agg_norm[1] >= 0 && agg_norm[2] >= 1,
+              "mhpo_kernels_C.finish: agg_norm must be (count >= 0, loss_scale_factor >= 0, dp_size >= 1)");
 }
 
 // bwd's optional scale: one float32 value (0-d or [1]) on the logits' device, multiplying dlogp.
@@ -65,7 +68,7 @@ inline void check_scale(const std::optional<at::Tensor>& scale, const at::Tensor
 
 inline FinishOut alloc_finish(const at::Tensor& logp) {
   const auto f = logp.options().dtype(at::kFloat);
-  return {at::empty({}, f), at::empty({logp.size(0)}, f), at::empty({kNumMetrics}, f),
+  return {at::empty({}, f), at::empty({logp.size(0)}, f), at::empty({NUM_METRICS}, f),
           at::empty({2}, logp.options().dtype(at::kLong))};
 }
 
@@ -74,7 +77,8 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
                               const std::optional<at::Tensor>& ref, const at::Tensor& target,
                               const std::optional<at::Tensor>& cu, int64_t num_seqs, int64_t seq_len, int64_t mode,
                               c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg,
-                              int64_t ignore_index, int64_t num_classes, bool check, FinishOut& out) {
+                              c10::ArrayRef<double> agg_norm, int64_t ignore_index, int64_t num_classes, bool check,
+                              FinishOut& out) {
   FinishArgs a{};
   a.logp = logp.const_data_ptr<float>();
   a.entropy = entropy.has_value() ? entropy->const_data_ptr<float>() : nullptr;
@@ -89,10 +93,11 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
   a.S = cu.has_value() ? cu->size(0) - 1 : num_seqs;
   a.T = cu.has_value() ? 0 : seq_len;
   a.mode = static_cast<int32_t>(mode);
-  for (int i = 0; i < kNumParams; ++i) a.params[i] = static_cast<float>(params[i]);
+  for (int i = 0; i < KERNEL_PARAMS; ++i) a.params[i] = static_cast<float>(params[i]);
   a.beta = static_cast<float>(beta);
   a.seq_level = seq_level;
   a.agg = static_cast<int32_t>(agg);
+  a.norm = AggNorm{static_cast<float>(agg_norm[0]), static_cast<float>(agg_norm[1]), static_cast<float>(agg_norm[2])};
   a.ignore_index = ignore_index;
   a.num_classes = num_classes;
   a.check = check;

@@ -12,7 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
+SEQ_MODES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # normalised by sequences
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -58,6 +59,8 @@ def _flat(name: str, t, shape, device, dtype, allow=("float",)) -> torch.Tensor:
         raise TypeError(f"{name} must have a {' / '.join(allow)} dtype, got {t.dtype}")
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if t.dim() == 1 and t.dtype == dtype and not t.requires_grad and t.is_contiguous():
+        return t  # already what the kernels take: no detach / reshape / cast dispatches (per-call overhead)
     return t.detach().reshape(-1).to(dtype).contiguous()
 
 
@@ -71,8 +74,58 @@ def check_loss_args(loss_agg_mode, beta, has_ref: bool) -> None:
         raise ValueError("beta > 0 needs ref_logprobs")
 
 
+def _count(name, value, minimum, integer=False):
+    """A Python number (a 0-d tensor is read: one host sync) >= ``minimum``, as float; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_complex or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a number (or a one-element tensor), got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (minimum <= value < float("inf")) \
+            or (integer and value != int(value)):
+        what = "an integer" if integer else "a finite number"
+        raise ValueError(f"{name} must be {what} >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def agg_norm(loss_agg_mode, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1):
+    """The finishing step's ``agg_norm`` floats ``(global_count, loss_scale_factor, dp_size)``
+    (``_constants.AGG_NORM``; 0 means the local default) from the public arguments, verl 0.9.1's
+    ``agg_loss`` normalisers:
+
+    * ``global_num_tokens`` (verl's ``batch_num_tokens``): the ``token-mean`` denominator, the mask
+      sum over the whole global batch (every micro-batch of every rank); None: this call's.
+    * ``global_batch_size``: the ``seq-mean-*`` denominator, the number of sequences of the global
+      batch; None: this call's sequences with a non-zero mask.
+    * ``loss_scale_factor``: ``seq-mean-token-sum-norm``'s second divisor; None: T of ``[B, T]``
+      input, packed the longest sequence.
+    * ``dp_size``: every mode's loss is multiplied by it (DDP / FSDP average the ranks' gradients).
+
+    Each mode reads only its own denominator (the others are accepted and ignored, as verl does);
+    with ``dp_size > 1`` the mode's global denominator is required (verl raises too).
+    """
+    dp = _count("dp_size", dp_size, 1, integer=True)
+    lsf = _count("loss_scale_factor", loss_scale_factor, 0)
+    if lsf == 0:
+        raise ValueError("loss_scale_factor must be > 0 (None: the sequence length)")
+    tokens = _count("global_num_tokens", global_num_tokens, 0)
+    seqs = _count("global_batch_size", global_batch_size, 0)
+    count = need = None
+    if loss_agg_mode == "token-mean":
+        count, need = tokens, "global_num_tokens"
+    elif loss_agg_mode in SEQ_MODES:
+        count, need = seqs, "global_batch_size"
+    if count is None and dp > 1 and need is not None:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} with dp_size > 1 needs {need} (the global batch's)")
+    # a global count of 0 means an empty global batch: every local mask is 0 too, and the local count (0) gives 0
+    return [count or 0.0, lsf or 0.0, dp]
+
+
 def check_temperature(temperature) -> None:
-    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not (0 < temperature < float("inf")):
+    if (not isinstance(temperature, (int, float)) or isinstance(temperature, bool)
+            or not (0 < temperature < float("inf"))):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
@@ -106,7 +159,7 @@ def prepare_targets(logits, target_ids, *, temperature, ignore_index, V=None):
     if not isinstance(target_ids, torch.Tensor):
         raise TypeError(f"target_ids must be a torch.Tensor, got {type(target_ids).__name__}")
     target = _flat("target_ids", target_ids, logits.shape[:-1], logits.device, torch.int64, allow=("int",))
-    logits2d = logits.reshape(-1, logits.shape[-1])
+    logits2d = logits if logits.dim() == 2 else logits.reshape(-1, logits.shape[-1])
     if logits2d.numel() and logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()  # kernels need unit stride along V; rows may be strided
     return logits2d, target
@@ -209,3 +262,10 @@ def check_cu_seqlens(cu_seqlens, N, device) -> None:
         )
     if last != N:
         raise ValueError(f"cu_seqlens[-1] must be the token count N={N}, got {last}")
+
+
+def check_entropy_coeff(entropy_coeff) -> None:
+    """verl's ``entropy_coeff``: loss = pg_loss - entropy_coeff * agg(entropy); any finite number."""
+    if isinstance(entropy_coeff, bool) or not isinstance(entropy_coeff, (int, float)) \
+            or not abs(entropy_coeff) < float("inf"):
+        raise ValueError(f"entropy_coeff must be a finite number, got {entropy_coeff!r}")

@@ -48,6 +48,7 @@ class FwdArgs(NamedTuple):
     check_ids: bool
     inplace_backward: bool
     backend: str
+    agg_norm: Optional[List[float]] = None  # the finishing step's (global_count, loss_scale_factor, dp_size)
 
 
 def _forward(a: FwdArgs):
@@ -64,7 +65,7 @@ def _forward(a: FwdArgs):
         old = adv = logp  # delta = 0: the finishing step only checks the ids
     loss, dlogp, metrics, bad = kb.finish(
         logp, entropy if a.want_entropy else None, old, adv, a.mask, a.ref, a.target, a.cu_seqlens, a.num_seqs,
-        a.seq_len, a.mode, a.params, a.beta, a.seq_level, a.agg, a.ignore_index, V, a.check_ids)
+        a.seq_len, a.mode, a.params, a.beta, a.seq_level, a.agg, a.ignore_index, V, a.check_ids, a.agg_norm)
     if a.check_ids and not (a.target.is_cuda and torch.cuda.is_current_stream_capturing()):
         raise_bad_input(bad, a.target, a.cu_seqlens, V, a.ignore_index)  # the one host sync, after both launches
     return loss, logp, entropy, lse, dlogp, metrics
@@ -76,20 +77,20 @@ def policy_fwd(
     ref: Optional[Tensor],
     cu_seqlens: Optional[Tensor], num_seqs: int, seq_len: int, mode: int, params: List[float], beta: float,
     seq_level: bool, agg: int, temperature: float, ignore_index: int, want_entropy: bool, check_ids: bool,
-    inplace_backward: bool, backend: str,
+    inplace_backward: bool, backend: str, agg_norm: Optional[List[float]] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """-> (loss 0-d, logp [N], entropy [N] or [0], lse [N], dlogp [N] = d loss / d logp, metrics [13])."""
     return _forward(FwdArgs(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta,
                             seq_level, agg, temperature, ignore_index, want_entropy, check_ids, inplace_backward,
-                            backend))
+                            backend, agg_norm))
 
 
 @policy_fwd.register_fake
 def _(logits, target, old, adv, mask, ref, cu_seqlens, num_seqs, seq_len, mode, params, beta, seq_level, agg,
-      temperature, ignore_index, want_entropy, check_ids, inplace_backward, backend):
+      temperature, ignore_index, want_entropy, check_ids, inplace_backward, backend, agg_norm=None):
     N = logits.shape[0]
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32  # the torch backend keeps float64
-    new = lambda *n: logits.new_empty(n, dtype=dtype)  # noqa: E731
+    new = lambda *n: logits.new_empty(n, dtype=dtype)
     return new(), new(N), new(N if want_entropy else 0), new(N), new(N), new(len(METRICS))
 
 
@@ -153,7 +154,8 @@ def _setup_context(ctx, inputs, output):
 def _bwd_args(ctx, g_loss, g_logp, g_ent):
     logits, target, lse, entropy, dlogp = ctx.saved_tensors
     if g_logp is not None:  # the public entry points hand out detached log-probs; kept for completeness
-        dlogp = dlogp * g_loss + g_logp if g_loss is not None else g_logp
+        # g_logp of logp.sum() is an expanded (stride-0) tensor: the kernels take contiguous rows
+        dlogp = dlogp * g_loss + g_logp if g_loss is not None else g_logp.contiguous()
         g_loss = None
     elif g_loss is None:
         dlogp = torch.zeros_like(lse)
@@ -169,7 +171,7 @@ def _backward(ctx, g_loss, g_logp, g_ent, g_lse, g_dlogp, g_metrics):
         grad = logits
     else:  # traced (torch.compile, export): the gradient gets its own buffer
         grad = policy_bwd(logits, *args)
-    return (grad,) + (None,) * 19
+    return (grad,) + (None,) * (len(FwdArgs._fields) - 1)
 
 
 policy_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -177,30 +179,39 @@ policy_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 class _EagerPolicy(torch.autograd.Function):
     """The same forward and backward as the ops above, for eager calls: a plain autograd.Function
-    costs a fraction of a custom op's per-call Python overhead (which only torch.compile needs)."""
+    costs a fraction of a custom op's per-call Python overhead (which only torch.compile needs).
+    Its inputs are the logits (the one differentiable tensor) and the :class:`FwdArgs` as one
+    object, its outputs ``(loss, logp, entropy, metrics)``: autograd handles 2 inputs and 4
+    outputs per call, not 20 and 6 (lse and dlogp stay saved for the backward)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(FwdArgs(*inputs))
-        _setup_context(ctx, inputs, output)
-        return output
+    def forward(ctx, logits, a):
+        loss, logp, entropy, lse, dlogp, metrics = _forward(a)
+        ctx.want_entropy, ctx.backend = a.want_entropy, a.backend
+        ctx.inplace = a.inplace_backward and _eager(logits)
+        ctx.temperature, ctx.ignore_index = a.temperature, a.ignore_index
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(metrics)
+        ctx.save_for_backward(logits, a.target, lse, entropy, dlogp)
+        return loss, logp, entropy, metrics
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp, g_ent, g_lse, g_dlogp, g_metrics):
+    def backward(ctx, g_loss, g_logp, g_ent, g_metrics):
         logits, (target, lse, entropy, dlogp, scale, dent, temperature, ignore_index, backend) = _bwd_args(
             ctx, g_loss, g_logp, g_ent)
         grad = logits if ctx.inplace else torch.empty_like(logits)
         backends.get(backend).bwd(logits, target, lse, entropy, dlogp, dent, temperature, ignore_index, grad,
                                   scale=scale)
-        return (grad,) + (None,) * 19
+        return grad, None
 
 
 def policy_forward(a: FwdArgs):
-    """:func:`policy_fwd` (same outputs): the registered op under torch.compile, a plain
-    autograd.Function in eager mode."""
+    """:func:`policy_fwd`'s ``(loss, logp, entropy, lse, dlogp, metrics)``: the registered op under
+    torch.compile; in eager mode a plain autograd.Function, which returns None for lse and dlogp."""
     if torch.compiler.is_compiling():
         return policy_fwd(*a)
-    return _EagerPolicy.apply(*a)
+    loss, logp, entropy, metrics = _EagerPolicy.apply(a.logits, a)
+    return loss, logp, entropy, None, None, metrics
 
 
 class FinishedLoss(torch.autograd.Function):
@@ -216,19 +227,19 @@ class FinishedLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-                seq_level, agg, ignore_index, num_classes, check_ids, backend):
+                seq_level, agg, ignore_index, num_classes, check_ids, backend, agg_norm=None):
         ctx.set_materialize_grads(False)
         kb = backends.get(backend)
         loss, dlogp, metrics, bad = kb.finish(
             logp.detach(), entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-            seq_level, agg, ignore_index, num_classes, check_ids)
+            seq_level, agg, ignore_index, num_classes, check_ids, agg_norm)
         if check_ids and not (target.is_cuda and torch.cuda.is_current_stream_capturing()):
             raise_bad_input(bad, target, cu_seqlens, num_classes, ignore_index)
         dref = None
         if ctx.needs_input_grad[5] and beta:
             _, minus_dref, _, _ = kb.finish(
                 logp.detach(), None, old, adv, mask, ref.detach(), target, cu_seqlens, num_seqs, seq_len, MODE_NONE,
-                params, beta, seq_level, agg, ignore_index, num_classes, False)
+                params, beta, seq_level, agg, ignore_index, num_classes, False, agg_norm)
             dref = minus_dref.neg_()
         ctx.mark_non_differentiable(metrics)
         ctx.save_for_backward(dlogp, dref)
@@ -238,7 +249,7 @@ class FinishedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_metrics):
         if g_loss is None:
-            return (None,) * 19
+            return (None,) * 20
         dlogp, dref = ctx.saved_tensors
         g_ref = None if dref is None else (dref * g_loss).to(ctx.dtypes[1])
-        return ((dlogp * g_loss).to(ctx.dtypes[0]), None, None, None, None, g_ref) + (None,) * 13
+        return ((dlogp * g_loss).to(ctx.dtypes[0]), None, None, None, None, g_ref) + (None,) * 14

@@ -11,18 +11,36 @@ ground truth instead (:mod:`.reference`, loaded on first use).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from . import backends
+from . import _fused_grad, backends
 from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
 from ._inputs import (
-    MHPOOutput, _flat, check_cu_seqlens_static, check_logits, check_loss_args, prepare, prepare_rows, prepare_targets,
-    seq_shape_of,
+    MHPOOutput, agg_norm, check_cu_seqlens_static, check_entropy_coeff, check_logits, check_loss_args, prepare,
+    prepare_rows, prepare_targets, seq_shape_of,
 )
 from ._ops import FinishedLoss, FwdArgs, policy_forward
 from .config import KERNEL_PARAMS, MODE_NONE, MHPOConfig, resolve_ratio_control
 
 __all__ = ["mhpo_loss", "policy_loss", "policy_loss_from_logprobs", "token_logprobs"]
+
+
+_DEFAULT_CONFIG = MHPOConfig()  # frozen: one validated instance, not one per call
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_params(cfg) -> tuple:
+    return tuple(cfg.kernel_params())
+
+
+def _kernel_params(cfg) -> list:
+    """``list(cfg.kernel_params())``, packed once per (frozen, hashable) config."""
+    try:
+        return list(_packed_params(cfg))
+    except TypeError:  # an unhashable config: pack it each call
+        return list(cfg.kernel_params())
 
 
 def _rows_dtype(dtype):
@@ -40,7 +58,8 @@ def mhpo_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, config=None,
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", inplace_backward=False,
-    process_group=None, vocab_start_index=None, check_ids=True,
+    process_group=None, vocab_start_index=None, check_ids=True, entropy_coeff=0.0, fused_gradient=None,
+    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
 ) -> MHPOOutput:
     """MHPO policy loss from logits, fused: no [N, V] float32 temporary.
 
@@ -54,7 +73,20 @@ def mhpo_loss(
         config: :class:`MHPOConfig` (None = paper defaults).
         temperature: logits are divided by it.
         loss_agg_mode: "token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum" |
-            "seq-mean-token-sum-norm" (verl's names; [N, V] counts as one sequence).
+            "seq-mean-token-sum-norm" | "token-sum" (verl's names and math; [N, V]
+            counts as one sequence).
+        loss_scale_factor, global_batch_size, global_num_tokens, dp_size: the
+            aggregation's normalisers, verl 0.9.1's ``agg_loss`` (docs/mhpo.md,
+            "From token losses to one number"): ``global_num_tokens`` (verl's
+            ``batch_num_tokens``) replaces the mask sum of ``token-mean``,
+            ``global_batch_size`` the non-empty sequence count of the
+            ``seq-mean-*`` modes, ``loss_scale_factor`` the ``T`` of
+            ``seq-mean-token-sum-norm`` (None: T of ``[B, T]`` input, packed
+            the longest sequence), and every mode's loss is multiplied by
+            ``dp_size`` (data-parallel ranks average their gradients). With the
+            global counts of a batch split into micro-batches over ``dp_size``
+            ranks, the micro-batch losses summed (and averaged over ranks) are
+            the whole batch's loss. ``dp_size > 1`` needs the mode's global count.
         ref_logprobs, beta: optional k3 KL to a reference policy, ``+ beta * kl``.
         return_entropy: also return the per-token entropy (differentiable).
         backend: "auto" | "triton" | "cuda" | "cpu" | "torch" (portable: any device,
@@ -72,6 +104,21 @@ def mhpo_loss(
             raises ValueError (recorded by the finishing kernel, read with the
             call's one host sync). False: no host sync (CUDA-graph capturable),
             for ids validated upstream.
+        entropy_coeff: verl's entropy bonus inside the op: ``loss = pg_loss -
+            entropy_coeff * agg(entropy)``, the entropy aggregated with the
+            loss's own ``loss_agg_mode`` weights (``entropy_mean`` joins the metrics).
+        fused_gradient: the forward writes ``d loss / d logits`` while each
+            row is on chip (1 read + 1 write of the logits instead of 2 reads +
+            1 write; the backward only hands the buffer back). None (default):
+            on for CPU tensors where it applies; True: wherever it applies
+            (GPU backends: not yet run on a GPU); False: never. It does not
+            apply (the two-kernel path runs, same results) without a gradient,
+            under torch.compile, for sequence-level ratios, vocabulary-parallel
+            logits or a backend without it, and by default (None) with
+            ``inplace_backward=True`` and ``return_entropy=True``. With
+            ``inplace_backward=True`` the logits hold the gradient as soon as
+            the forward returns, and a gradient for the returned entropy then
+            raises RuntimeError.
 
     Returns:
         :class:`MHPOOutput` ``(loss, logprobs, entropy, metrics)``.
@@ -85,7 +132,7 @@ def mhpo_loss(
         >>> out = mk.mhpo_loss(logits, ids, old, torch.tensor([1.0, -1.0]))
         >>> out.loss.backward()
     """
-    config = MHPOConfig() if config is None else config
+    config = _DEFAULT_CONFIG if config is None else config
     if not isinstance(config, MHPOConfig):
         raise TypeError(f"config must be an MHPOConfig, got {type(config).__name__}")
     return policy_loss(
@@ -93,7 +140,9 @@ def mhpo_loss(
         importance_sampling_level="token", temperature=temperature, loss_agg_mode=loss_agg_mode,
         ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
         backend=backend, inplace_backward=inplace_backward, process_group=process_group,
-        vocab_start_index=vocab_start_index, check_ids=check_ids,
+        vocab_start_index=vocab_start_index, check_ids=check_ids, entropy_coeff=entropy_coeff,
+        fused_gradient=fused_gradient, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+        global_num_tokens=global_num_tokens, dp_size=dp_size,
     )
 
 
@@ -101,14 +150,17 @@ def policy_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto",
-    inplace_backward=False, process_group=None, vocab_start_index=None, check_ids=True,
+    inplace_backward=False, process_group=None, vocab_start_index=None, check_ids=True, entropy_coeff=0.0,
+    fused_gradient=None, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
 ) -> MHPOOutput:
     """Policy loss of any ratio control from logits, fused: no [N, V] float32 temporary.
 
     Args:
         logits, target_ids, old_logprobs, advantages, mask, temperature,
         loss_agg_mode, ignore_index, ref_logprobs, beta, return_entropy,
-        backend, inplace_backward: as in :func:`mhpo_kernels.mhpo_loss`.
+        backend, inplace_backward, entropy_coeff, fused_gradient,
+        loss_scale_factor, global_batch_size, global_num_tokens, dp_size: as in
+        :func:`mhpo_kernels.mhpo_loss`.
         ratio_control: :class:`MHPOConfig` (None = paper defaults, including
             the ablations ``use_lfm`` / ``use_dhp``), :class:`ClipConfig`
             (GRPO, DAPO clip-higher, dual-clip, TRL two-sided ``delta``),
@@ -128,8 +180,8 @@ def policy_loss(
             rows of ``[N, V]`` logits (flash-attn varlen, verl remove-padding):
             starts at 0, non-decreasing, ends at N, on the logits' device.
             Defines the sequences of the ``seq-*`` aggregation modes and of the
-            sequence-level ratio. ``seq-mean-token-sum-norm`` divides by
-            ``S * T_max`` with T_max the longest sequence, so packed and
+            sequence-level ratio. ``seq-mean-token-sum-norm``'s default
+            ``loss_scale_factor`` is then the longest sequence, so packed and
             ``[B, T]`` padded to the longest sequence give the same loss.
             Without it, ``[B, T, V]`` logits are B sequences and ``[N, V]``
             one sequence.
@@ -137,7 +189,7 @@ def policy_loss(
             parallelism, :mod:`mhpo_kernels.distributed`): this rank's logits
             hold vocabulary ids ``[vocab_start_index, vocab_start_index + V_local)``
             (default: after the shards of lower ranks); target ids are global.
-            Only O(N) statistics are all-reduced; every rank gets the same loss,
+            Only O(N) statistics are all-gathered; every rank gets the same loss,
             log-probs, entropy and metrics, and the gradient of its own shard.
             ``inplace_backward`` is not used in this mode. With an NCCL
             group, the layout check travels on the current CUDA device.
@@ -176,38 +228,50 @@ def policy_loss(
             logits, target_ids, old_logprobs, advantages, mask, ratio_control=cfg,
             importance_sampling_level=level, cu_seqlens=cu_seqlens, temperature=temperature,
             loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
-            return_entropy=return_entropy,
+            return_entropy=return_entropy, entropy_coeff=entropy_coeff, loss_scale_factor=loss_scale_factor,
+            global_batch_size=global_batch_size, global_num_tokens=global_num_tokens, dp_size=dp_size,
         )
     backends.check_dtype(name, logits.dtype)
+    check_entropy_coeff(entropy_coeff)
+    if fused_gradient not in (None, True, False):
+        raise ValueError(f"fused_gradient must be None, True or False, got {fused_gradient!r}")
+    want_entropy = bool(return_entropy) or entropy_coeff != 0  # the bonus needs the entropy
     x = prepare(
         logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
         loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs,
         beta=beta, compute_dtype=_rows_dtype(logits.dtype), raw_mask=True,
     )
     _check_packed(cu_seqlens, logits)
+    norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
     B, T = x.seq_shape
     a = FwdArgs(x.logits, x.target, x.old, x.adv, x.mask, x.ref, cu_seqlens, B, T, finish_mode(cfg),
-                list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode],
-                float(temperature), int(ignore_index), bool(return_entropy), bool(check_ids), bool(inplace_backward),
-                name)
+                _kernel_params(cfg), float(beta), level == "sequence", AGG_IDS[loss_agg_mode],
+                float(temperature), int(ignore_index), want_entropy, bool(check_ids), bool(inplace_backward),
+                name, norm)
     if process_group is not None:
         from .distributed import vocab_parallel_policy
 
         loss, logp, entropy, metrics = vocab_parallel_policy(a, group=process_group,
                                                              vocab_start_index=vocab_start_index)
+        if entropy_coeff:
+            loss = _fused_grad.entropy_bonus(loss, entropy, _fused_grad.weights(backends.get(name), a, False)[0],
+                                             entropy_coeff)
     else:
         if inplace_backward and x.logits.shape[0] > 1 and x.logits.stride(0) < x.logits.shape[1]:
             raise ValueError("inplace_backward=True needs logits whose rows do not overlap (stride(0) >= V); "
                              f"got stride {x.logits.stride(0)} for V = {x.logits.shape[1]}")
-        loss, logp, entropy, _, _, metrics = policy_forward(a)
-    metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, x.ref is not None))
-    return MHPOOutput(loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None,
-                      metrics)
+        loss, logp, entropy, metrics = _fused_grad.policy_forward(a, entropy_coeff, fused_gradient,
+                                                                      bool(return_entropy))
+    metrics = metrics_dict(metrics, metric_names(cfg, want_entropy, x.ref is not None))
+    if len(x.shape) != 1:  # [B, T]; [N] log-probs already have the token shape
+        logp, entropy = logp.reshape(x.shape), entropy.reshape(x.shape) if return_entropy else entropy
+    return MHPOOutput(loss, logp.detach(), entropy if return_entropy else None, metrics)
 
 
 def policy_loss_from_logprobs(
     logprobs, old_logprobs, advantages, mask=None, *, ratio_control=None, importance_sampling_level=None,
     cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0, backend="auto", check_ids=True,
+    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
 ) -> MHPOOutput:
     """The same policy loss from per-token log-probs you already have: O(N), one launch.
 
@@ -222,7 +286,8 @@ def policy_loss_from_logprobs(
             may hold anything, inf / NaN included).
         advantages: shape of logprobs, or [B] for [B, T] log-probs.
         ratio_control, importance_sampling_level, cu_seqlens (with [N]
-        log-probs), loss_agg_mode, beta: as in :func:`policy_loss`.
+        log-probs), loss_agg_mode, beta, loss_scale_factor, global_batch_size,
+        global_num_tokens, dp_size: as in :func:`policy_loss`.
         backend: as in :func:`policy_loss`; float64 log-probs run on "torch"
             (or "reference") whatever the choice, to keep their precision.
         check_ids: with ``cu_seqlens``, a bad layout raises ValueError (one
@@ -238,6 +303,9 @@ def policy_loss_from_logprobs(
         >>> out = mk.policy_loss_from_logprobs(logp, logp.detach() + 0.1, torch.tensor([1.0, -1.0]),
         ...                                    ratio_control=mk.MHPOConfig(), importance_sampling_level="sequence")
         >>> out.loss.backward()
+        >>> logp = torch.full((1, 3), -1.0)  # r = 1, A = 1: the loss is -exp(-zeta(0)) (docs/mhpo.md's sanity table)
+        >>> mk.policy_loss_from_logprobs(logp, logp, torch.ones(1)).loss
+        tensor(-0.2651)
     """
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
     if not isinstance(logprobs, torch.Tensor):
@@ -247,6 +315,7 @@ def policy_loss_from_logprobs(
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be [N] or [B, T], got shape {tuple(logprobs.shape)}")
     check_loss_args(loss_agg_mode, beta, ref_logprobs is not None)
+    norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
     shape, device = tuple(logprobs.shape), logprobs.device
     if cu_seqlens is not None:
         if len(shape) != 1:
@@ -256,7 +325,9 @@ def policy_loss_from_logprobs(
     if name == backends.REFERENCE:
         return backends.reference().policy_loss_from_logprobs(
             logprobs, old_logprobs, advantages, mask, ratio_control=cfg, importance_sampling_level=level,
-            cu_seqlens=cu_seqlens, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta)
+            cu_seqlens=cu_seqlens, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
+            loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+            global_num_tokens=global_num_tokens, dp_size=dp_size)
     if logprobs.dtype == torch.float64 and torch.float64 not in backends.REGISTRY[name].dtypes:
         name = "torch"  # O(N) work: float64 log-probs keep their precision on the torch backend
     dtype = _rows_dtype(logprobs.dtype)
@@ -268,7 +339,7 @@ def policy_loss_from_logprobs(
     loss, metrics = FinishedLoss.apply(
         logp.to(dtype), None, old, adv, m, ref, no_ignored, cu_seqlens, B, T, finish_mode(cfg),
         list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], -1, 1,
-        bool(check_ids) and cu_seqlens is not None, name)
+        bool(check_ids) and cu_seqlens is not None, name, norm)
     return MHPOOutput(loss, logprobs.detach(), None, metrics_dict(metrics, metric_names(cfg, False, ref is not None)))
 
 
@@ -301,6 +372,8 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
         >>> logits = torch.randn(2, 5, 11, requires_grad=True)
         >>> logp, ent = mk.token_logprobs(logits, torch.randint(0, 11, (2, 5)), return_entropy=True)
         >>> (logp.sum() + 0.01 * ent.sum()).backward()
+        >>> mk.token_logprobs(torch.zeros(2, 4), torch.tensor([0, 3]))  # uniform over 4 tokens: log(1/4)
+        tensor([-1.3863, -1.3863])
     """
     check_logits(logits)
     name = backends.resolve(backend, logits.device)

@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._inputs import MHPOOutput, check_cu_seqlens, check_target_ids, prepare, prepare_targets
+from ._inputs import (
+    MHPOOutput, agg_norm, check_cu_seqlens, check_entropy_coeff, check_target_ids, prepare, prepare_targets,
+)
 from .config import (
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig, resolve_ratio_control,
 )
@@ -81,18 +83,28 @@ def token_loss(delta, adv, cfg):
     raise TypeError(f"unsupported ratio control {type(cfg).__name__}")
 
 
-def aggregate(L, m, loss_agg_mode):
-    """docs/mhpo.md's aggregation table over [B, T] (fully masked sequences are not counted)."""
+def aggregate(L, m, loss_agg_mode, *, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None,
+              dp_size=1):
+    """docs/mhpo.md's aggregation table over [B, T] (verl 0.9.1's ``agg_loss``; fully masked
+    sequences are not counted). The global normalisers replace this batch's own counts."""
+    agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)  # validates
+    token_sum = (m * L).sum()
+    if loss_agg_mode == "token-sum":
+        return token_sum * dp_size
     if loss_agg_mode == "token-mean":
-        return safe_div((m * L).sum(), m.sum())
+        n_tokens = m.sum() if global_num_tokens is None else torch.as_tensor(float(global_num_tokens), dtype=L.dtype)
+        return safe_div(token_sum, n_tokens) * dp_size
     seq_sum, seq_count = (m * L).sum(-1), m.sum(-1)
     n_seq = (seq_count != 0).sum().to(L.dtype)
+    if global_batch_size is not None:
+        n_seq = torch.as_tensor(float(global_batch_size), dtype=L.dtype)
     if loss_agg_mode == "seq-mean-token-mean":
-        return safe_div(safe_div(seq_sum, seq_count).sum(), n_seq)
+        return safe_div(safe_div(seq_sum, seq_count).sum(), n_seq) * dp_size
     if loss_agg_mode == "seq-mean-token-sum":
-        return safe_div(seq_sum.sum(), n_seq)
-    if loss_agg_mode == "seq-mean-token-sum-norm":
-        return (m * L).sum() / max(L.numel(), 1)  # B * T_max
+        return safe_div(seq_sum.sum(), n_seq) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum-norm":  # T: the padded length (packed: the longest sequence)
+        scale = max(L.shape[-1], 1) if loss_scale_factor is None else float(loss_scale_factor)
+        return safe_div(seq_sum.sum(), n_seq) / scale * dp_size
     raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}")
 
 
@@ -100,10 +112,12 @@ def mhpo_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, config=None,
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference", inplace_backward=False,
+    entropy_coeff=0.0, fused_gradient=None, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None,
+    dp_size=1,
 ):
     """Reference MHPO loss; same signature and output as :func:`mhpo_kernels.mhpo_loss`.
 
-    ``backend`` and ``inplace_backward`` are accepted for signature parity and ignored.
+    ``backend``, ``inplace_backward`` and ``fused_gradient`` are accepted for signature parity and ignored.
     """
     config = MHPOConfig() if config is None else config
     if not isinstance(config, MHPOConfig):
@@ -112,6 +126,8 @@ def mhpo_loss(
         logits, target_ids, old_logprobs, advantages, mask, ratio_control=config,
         importance_sampling_level="token", temperature=temperature, loss_agg_mode=loss_agg_mode,
         ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
+        entropy_coeff=entropy_coeff, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+        global_num_tokens=global_num_tokens, dp_size=dp_size,
     )
 
 
@@ -167,8 +183,12 @@ def sequence_token_loss(logp, old, adv, m, cfg):
     return token_loss(torch.where(active, logp - logp.detach() + seq, zero), adv, cfg)
 
 
-def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, entropy):
-    """Loss and metrics over [B, T]; logp differentiable, the rest detached."""
+def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, entropy, entropy_coeff=0.0,
+                        norm=None):
+    """Loss and metrics over [B, T]; logp (and entropy) differentiable, the rest detached.
+    ``entropy_coeff``: verl's bonus, ``loss - entropy_coeff * aggregate(entropy)`` (same weights).
+    ``norm``: :func:`aggregate`'s global normalisers, by name."""
+    norm = norm or {}
     active = m != 0
     zero = torch.zeros_like(old)
     delta = torch.where(active, logp - old, zero)
@@ -185,21 +205,25 @@ def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode,
         kl = torch.exp(d) - d - 1  # k3 estimator
         if beta:  # with beta = 0, ref only feeds the kl_ref metric
             L = L + beta * kl
-    loss = aggregate(L, m, loss_agg_mode)
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    loss = aggregate(L, m, loss_agg_mode, **norm)
+    if entropy_coeff:
+        loss = loss - entropy_coeff * aggregate(entropy, m, loss_agg_mode, **norm)
+    flat = lambda t: None if t is None else t.reshape(-1)
     metrics = policy_metrics(cfg, flat(metric_delta), flat(active), flat(entropy), flat(kl), adv=flat(adv))
     return loss, metrics
 
 
-def _policy_loss_flat(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, seq_shape, cu_seqlens, entropy):
+def _policy_loss_flat(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, seq_shape, cu_seqlens, entropy,
+                      entropy_coeff=0.0, norm=None):
     """Flat [N] per-token tensors -> loss, metrics, through the padded [B, T] form."""
     if cu_seqlens is None:
-        pad = lambda t: None if t is None else t.reshape(seq_shape)  # noqa: E731
+        pad = lambda t: None if t is None else t.reshape(seq_shape)
     else:
         idx = _pad_index(cu_seqlens)
-        pad = lambda t: _to_padded(t, idx)  # noqa: E731
+        pad = lambda t: _to_padded(t, idx)
     return _policy_loss_padded(
-        pad(logp), pad(old), pad(adv), pad(m), pad(ref), beta, cfg, level, loss_agg_mode, pad(entropy)
+        pad(logp), pad(old), pad(adv), pad(m), pad(ref), beta, cfg, level, loss_agg_mode, pad(entropy),
+        entropy_coeff, norm,
     )
 
 
@@ -207,14 +231,19 @@ def policy_loss(
     logits, target_ids, old_logprobs, advantages, mask=None, *, ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference",
-    inplace_backward=False,
+    inplace_backward=False, entropy_coeff=0.0, fused_gradient=None, loss_scale_factor=None, global_batch_size=None,
+    global_num_tokens=None, dp_size=1,
 ):
     """Reference of :func:`mhpo_kernels.policy_loss` (same signature and output).
 
     Materialises ``log_softmax`` and, for packed input, pads to ``[S, T_max]``
-    (T_max = the longest sequence). ``backend`` / ``inplace_backward`` are ignored.
+    (T_max = the longest sequence). ``backend`` / ``inplace_backward`` / ``fused_gradient`` are ignored.
+    ``entropy_coeff``: ``loss - entropy_coeff * aggregate(entropy)`` (the entropy is then computed and
+    ``entropy_mean`` reported, as when ``return_entropy``).
     """
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
+    check_entropy_coeff(entropy_coeff)
+    want_entropy = bool(return_entropy) or entropy_coeff != 0
     x = prepare(
         logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
         loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
@@ -226,10 +255,12 @@ def policy_loss(
     if not torch.compiler.is_compiling():
         check_target_ids(x.target, x.logits.shape[-1], ignore_index)
     logp, entropy = token_logprobs_entropy(x.logits, x.target, temperature, ignore_index, x.old.dtype,
-                                           want_entropy=return_entropy)
+                                           want_entropy=want_entropy)
+    norm = dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+                global_num_tokens=global_num_tokens, dp_size=dp_size)
     loss, metrics = _policy_loss_flat(
         logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
-        entropy if return_entropy else None,
+        entropy, entropy_coeff, norm,
     )
     return MHPOOutput(
         loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics
@@ -238,7 +269,8 @@ def policy_loss(
 
 def policy_loss_from_logprobs(
     logprobs, old_logprobs, advantages, mask=None, *, ratio_control=None, importance_sampling_level=None,
-    cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0,
+    cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0, loss_scale_factor=None,
+    global_batch_size=None, global_num_tokens=None, dp_size=1,
 ):
     """Reference of :func:`mhpo_kernels.policy_loss_from_logprobs` (autograd through the formulas)."""
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
@@ -246,17 +278,20 @@ def policy_loss_from_logprobs(
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if advantages.dim() == 1 and len(shape) == 2 and advantages.shape[0] == shape[0]:
         advantages = advantages[:, None].expand(shape)
-    flat = lambda t: None if t is None else t.detach().reshape(-1).to(dtype)  # noqa: E731
+    flat = lambda t: None if t is None else t.detach().reshape(-1).to(dtype)
     m = flat(torch.ones(shape, device=logprobs.device) if mask is None else mask)
     seq_shape = shape if len(shape) == 2 else (1, shape[0])
     loss, metrics = _policy_loss_flat(
         logprobs.reshape(-1).to(dtype), flat(old_logprobs), flat(advantages), m, flat(ref_logprobs), beta,
         cfg, level, loss_agg_mode, seq_shape, cu_seqlens, None,
+        norm=dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
+                  global_num_tokens=global_num_tokens, dp_size=dp_size),
     )
     return MHPOOutput(loss, logprobs.detach(), None, metrics)
 
 
-def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="reference"):
+def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False,
+                   backend="reference"):
     """Reference of :func:`mhpo_kernels.token_logprobs`: ``log_softmax(logits / T).gather``
     and ``-sum(p log p)``, differentiable; 0 at ``ignore_index`` positions."""
     logits2d, target = prepare_targets(logits, target_ids, temperature=temperature, ignore_index=ignore_index)

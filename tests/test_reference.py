@@ -66,7 +66,8 @@ def test_ablations():
     delta = torch.linspace(-5, 5, 101, dtype=torch.float64)
     lfm_only, dhp_only = mk.MHPOConfig(use_dhp=False), mk.MHPOConfig(use_lfm=False)
     assert torch.equal(R.dhp(R.lfm(delta, lfm_only), lfm_only), torch.zeros_like(delta))
-    torch.testing.assert_close(-R.token_loss(delta, torch.ones_like(delta), lfm_only), torch.exp(1.5 * torch.tanh(delta / 1.5)))
+    torch.testing.assert_close(-R.token_loss(delta, torch.ones_like(delta), lfm_only),
+                               torch.exp(1.5 * torch.tanh(delta / 1.5)))
     assert torch.equal(R.lfm(delta, dhp_only), delta)
     sym = mk.MHPOConfig(k_neg=1.5, lam_neg=1.0)
     z = R.dhp(delta, sym)
@@ -91,6 +92,7 @@ def test_clip_and_sapo_formulas():
 # gradcheck differentiates everything numerically, so it can only see functions
 # without a stop-gradient: LFM-only MHPO (zeta = 0) and SAPO. The stop-gradient
 # on zeta is checked against the closed form in test_multiplier_bound.
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [mk.MHPOConfig(use_dhp=False), mk.SAPOConfig()], ids=["lfm", "sapo"])
 @pytest.mark.parametrize("agg", LOSS_AGG_MODES)
 def test_gradcheck_float64(agg, cfg):
@@ -111,7 +113,14 @@ def test_aggregation_by_hand():
     assert R.aggregate(L, m, "token-mean").item() == pytest.approx((1 + 2 + 7 + 8 + 9) / 5)
     assert R.aggregate(L, m, "seq-mean-token-mean").item() == pytest.approx((1.5 + 8) / 2)
     assert R.aggregate(L, m, "seq-mean-token-sum").item() == pytest.approx((3 + 24) / 2)
-    assert R.aggregate(L, m, "seq-mean-token-sum-norm").item() == pytest.approx(27 / 9)
+    # verl 0.9.1: the token sums / non-empty sequences / T; the previous 27 / (B * T) is global_batch_size=B
+    assert R.aggregate(L, m, "seq-mean-token-sum-norm").item() == pytest.approx(27 / (2 * 3))
+    assert R.aggregate(L, m, "seq-mean-token-sum-norm", global_batch_size=3).item() == pytest.approx(27 / 9)
+    assert R.aggregate(L, m, "token-sum").item() == pytest.approx(27)
+    # global normalisers: global counts replace the local ones, dp_size multiplies
+    assert R.aggregate(L, m, "token-mean", global_num_tokens=10, dp_size=2).item() == pytest.approx(27 / 10 * 2)
+    assert R.aggregate(L, m, "seq-mean-token-sum-norm", global_batch_size=4, loss_scale_factor=5,
+                       dp_size=2).item() == pytest.approx(27 / 4 / 5 * 2)
     for agg in LOSS_AGG_MODES:
         assert R.aggregate(L, torch.zeros_like(m), agg).item() == 0.0
 

@@ -7,42 +7,25 @@ aggregation weights, the loss, the per-token ``d loss / d logp`` that the
 backward kernel scales by the upstream gradient, every metric, and the first
 bad target id / bad ``cu_seqlens`` layout. One program: every reduction runs
 in a fixed order (block-wide vectors, then ``tl.sum``), so the results are
-deterministic. Layouts and ids: ``mhpo_kernels._finish``.
+deterministic. Ids, metric slots and the parameter layout: ``mhpo_kernels._constants``
+(``constants.py`` here).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .epilogue import _sigmoid, mhpo_token_parts, sapo_token
-from .fused_logprob import _k3
+from .constants import (
+    AGG_SEQ_MEAN_TOKEN_MEAN, AGG_SEQ_MEAN_TOKEN_SUM, AGG_SEQ_MEAN_TOKEN_SUM_NORM, AGG_TOKEN_MEAN, AGG_TOKEN_SUM,
+    BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET,
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, MET_CLIPFRAC, MET_CLIPFRAC_HIGH, MET_CLIPFRAC_LOW, MET_DUAL_CLIPFRAC,
+    MET_ENTROPY_MEAN, MET_KL_OLD, MET_KL_REF, MET_LOW_SURVIVAL_FRAC, MET_PSI_MEAN, MET_RATIO_MAX, MET_RATIO_MIN,
+    MET_SURVIVAL_MEAN, MET_ZETA_MEAN, MODE_CLIP, MODE_GSPO, MODE_MHPO, MODE_SAPO, NUM_METRICS,
+)
+from .constants import AGG_NORM_DEFAULT
+from .epilogue import clip_fracs, clip_token_limits, k3, mhpo_token_parts, sapo_token
 
-MODE_NONE, MODE_MHPO, MODE_CLIP, MODE_SAPO, MODE_GSPO = 0, 1, 2, 3, 4
-NUM_METRICS = 13
 FINISH_BLOCK = 128  # one warp, 4 tokens per thread: no stack frame in any shipped configuration
 FINISH_WARPS = 1
-BAD_NONE, BAD_TARGET, BAD_CU_SEQLENS = 0, 1, 2
-
-
-@triton.jit
-def _clip_limits(delta, adv, eps_low, eps_high, dual_c, cap, LO: tl.constexpr, HI: tl.constexpr):
-    # verl's clip with the log-ratio clamped to [LO, HI]; also the loss before the dual-clip cap
-    r = tl.exp(tl.minimum(tl.maximum(delta, LO), HI))
-    dr = tl.where((delta >= LO) & (delta <= HI), r, 0.0)
-    capped = (cap > 0.0) & (r > cap)
-    r1 = tl.where(capped, cap, r)
-    dr1 = tl.where(capped, 0.0, dr)
-    r2 = tl.minimum(tl.maximum(r, 1.0 - eps_low), 1.0 + eps_high)
-    dr2 = tl.where((r >= 1.0 - eps_low) & (r <= 1.0 + eps_high), dr, 0.0)
-    l1 = -r1 * adv
-    l2 = -r2 * adv
-    c1 = -dr1 * adv
-    c2 = -dr2 * adv
-    loss = tl.maximum(l1, l2)
-    coef = tl.where(l1 > l2, c1, tl.where(l1 < l2, c2, 0.5 * (c1 + c2)))
-    dcap = -dual_c * adv
-    dual = (dual_c > 0.0) & (adv < 0.0)
-    coef = tl.where(dual & (loss > dcap), 0.0, tl.where(dual & (loss == dcap), 0.5 * coef, coef))
-    return tl.where(dual, tl.minimum(loss, dcap), loss), coef, loss, r
 
 
 @triton.jit
@@ -69,6 +52,7 @@ def _finish_kernel(
     loss_ptr, dlogp_ptr, metrics_ptr, bad_ptr,
     N, S, seq_len, ignore_index, num_classes, beta,
     p0, p1, p2, p3, p4, p5, p6,
+    global_count, loss_scale_factor, dp_size,
     MODE: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_CU: tl.constexpr, SEQ_LEVEL: tl.constexpr, AGG: tl.constexpr, CHECK: tl.constexpr,
     BLOCK: tl.constexpr, CLIP_LIMIT: tl.constexpr, GSPO_LIMIT: tl.constexpr,
@@ -104,8 +88,9 @@ def _finish_kernel(
             fb = tl.minimum(fb, tl.where(bad, offs.to(tl.int32), N))
         first_bad = tl.min(fb, 0)
 
-    # pass 1: the batch-wide denominators
-    PER_SEQ_COUNT: tl.constexpr = (AGG == 1) | (AGG == 2)
+    # pass 1: the batch-wide denominators (agg_norm's global_count may replace them)
+    PER_SEQ_COUNT: tl.constexpr = (AGG == AGG_SEQ_MEAN_TOKEN_MEAN) | (AGG == AGG_SEQ_MEAN_TOKEN_SUM) | (
+        AGG == AGG_SEQ_MEAN_TOKEN_SUM_NORM)
     total = tl.zeros((), tl.float32)
     n_seq = tl.zeros((), tl.float32)
     if PER_SEQ_COUNT:
@@ -133,12 +118,16 @@ def _finish_kernel(
             a = tl.load(cu_ptr + so, mask=ins, other=0).to(tl.int32)
             b = tl.load(cu_ptr + so + 1, mask=ins, other=0).to(tl.int32)
             tm = tl.maximum(tm, b - a)
-        norm = tl.max(tm, 0).to(tl.float32) * (S * 1.0)
+        t_norm = tl.max(tm, 0).to(tl.float32)  # packed: the longest sequence
     else:
-        norm = tl.maximum(N * 1.0, 1.0)
+        t_norm = seq_len * 1.0
+    # the aggregation weight w = m * factor (factor per sequence for seq-mean-token-mean)
+    total = tl.where(global_count > 0.0, global_count, total)
+    n_seq = tl.where(global_count > 0.0, global_count, n_seq)
+    norm = n_seq * tl.where(loss_scale_factor > 0.0, loss_scale_factor, t_norm)
 
     # pass 2: each token (per sequence when its weight or log-ratio needs the sequence's sums)
-    PER_SEQ: tl.constexpr = SEQ_LEVEL | (AGG == 1)
+    PER_SEQ: tl.constexpr = SEQ_LEVEL | (AGG == AGG_SEQ_MEAN_TOKEN_MEAN)
     a_loss = tl.zeros((BLOCK,), tl.float32)
     a_n = tl.zeros((BLOCK,), tl.float32)
     a_nd = tl.zeros((BLOCK,), tl.float32)
@@ -191,30 +180,34 @@ def _finish_kernel(
             else:
                 delta = tl.where(act, lp - tl.load(old_ptr + offs, mask=act, other=0.0), 0.0)
             adv = tl.load(adv_ptr + offs, mask=act, other=0.0)
-            if AGG == 0:
-                w = m * (1.0 / tl.where(total == 0.0, 1.0, total))
-            elif AGG == 1:
-                w = m * (1.0 / tl.where(count == 0.0, 1.0, count)) * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
-            elif AGG == 2:
-                w = m * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
+            if AGG == AGG_TOKEN_MEAN:
+                w = m * dp_size * (1.0 / tl.where(total == 0.0, 1.0, total))
+            elif AGG == AGG_TOKEN_SUM:
+                w = m * dp_size
+            elif AGG == AGG_SEQ_MEAN_TOKEN_MEAN:
+                w = m * dp_size * (1.0 / tl.where(count == 0.0, 1.0, count)) * (
+                    1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
+            elif AGG == AGG_SEQ_MEAN_TOKEN_SUM:
+                w = m * dp_size * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
             else:
-                w = m * (1.0 / tl.where(norm == 0.0, 1.0, norm))
-            if MODE == 1:
+                w = m * dp_size * (1.0 / tl.where(norm == 0.0, 1.0, norm))
+            if MODE == MODE_MHPO:
                 loss, coef, psi, zeta = mhpo_token_parts(delta, adv, p0, p1, p2, p3, p4, p5, p6)
                 surv = tl.exp(-zeta)
                 a_psi += tl.where(act, psi, 0.0)
                 a_zeta += tl.where(act, zeta, 0.0)
                 a_surv += tl.where(act, surv, 0.0)
                 a_low += tl.where(act & (surv < 0.5), 1.0, 0.0)
-            elif MODE == 2 or MODE == 4:
-                if MODE == 2:
-                    loss, coef, pre, r = _clip_limits(delta, adv, p0, p1, p2, p3, -CLIP_LIMIT, CLIP_LIMIT)
+            elif MODE == MODE_CLIP or MODE == MODE_GSPO:
+                if MODE == MODE_CLIP:
+                    loss, coef, pre, r = clip_token_limits(delta, adv, p0, p1, p2, p3, -CLIP_LIMIT, CLIP_LIMIT)
                 else:
-                    loss, coef, pre, r = _clip_limits(delta, adv, p0, p1, p2, p3, float("-inf"), GSPO_LIMIT)
-                a_clo += tl.where(act & (r < 1.0 - p0) & (adv < 0.0), 1.0, 0.0)
-                a_chi += tl.where(act & (r > 1.0 + p1) & (adv > 0.0), 1.0, 0.0)
-                a_dual += tl.where(act & (p2 > 0.0) & (adv < 0.0) & (pre > -p2 * adv), 1.0, 0.0)
-            elif MODE == 3:
+                    loss, coef, pre, r = clip_token_limits(delta, adv, p0, p1, p2, p3, float("-inf"), GSPO_LIMIT)
+                clo, chi, dual = clip_fracs(r, adv, pre, p0, p1, p2)
+                a_clo += tl.where(act & clo, 1.0, 0.0)
+                a_chi += tl.where(act & chi, 1.0, 0.0)
+                a_dual += tl.where(act & dual, 1.0, 0.0)
+            elif MODE == MODE_SAPO:
                 loss, coef = sapo_token(delta, adv, p0, p1, CLIP_LIMIT)
             else:
                 loss = tl.zeros((BLOCK,), tl.float32)
@@ -222,13 +215,11 @@ def _finish_kernel(
             loss = loss.to(tl.float32)
             coef = coef.to(tl.float32)
             if HAS_REF:
-                d = tl.where(act, tl.load(ref_ptr + offs, mask=act, other=0.0) - lp, 0.0)
-                ed = tl.exp(d)
-                kl = _k3(d, ed)
+                kl, em1 = k3(tl.where(act, tl.load(ref_ptr + offs, mask=act, other=0.0) - lp, 0.0))
                 a_kl += tl.where(act, kl, 0.0)
                 if beta != 0.0:  # with beta = 0, ref only feeds the metric
                     loss += beta * kl
-                    coef += beta * (1.0 - ed)
+                    coef -= beta * em1
             if HAS_ENT:
                 a_ent += tl.where(act, tl.load(ent_ptr + offs, mask=act, other=0.0), 0.0)
             a_n += tl.where(act, 1.0, 0.0)
@@ -246,28 +237,28 @@ def _finish_kernel(
     dmax = tl.max(a_max, 0)
     dmin = tl.min(a_min, 0)
     tl.store(loss_ptr, tl.sum(a_loss, 0))
-    tl.store(metrics_ptr + 0, tl.sum(a_nd, 0) / n)
-    tl.store(metrics_ptr + 1, tl.exp(tl.where(n_act > 0.0, dmax, 0.0)))
-    tl.store(metrics_ptr + 2, tl.exp(tl.where(n_act > 0.0, dmin, 0.0)))
-    tl.store(metrics_ptr + 3, tl.sum(a_psi, 0) / n)
-    tl.store(metrics_ptr + 4, tl.sum(a_zeta, 0) / n)
-    tl.store(metrics_ptr + 5, tl.sum(a_surv, 0) / n)
-    tl.store(metrics_ptr + 6, tl.sum(a_low, 0) / n)
+    tl.store(metrics_ptr + MET_KL_OLD, tl.sum(a_nd, 0) / n)
+    tl.store(metrics_ptr + MET_RATIO_MAX, tl.exp(tl.where(n_act > 0.0, dmax, 0.0)))
+    tl.store(metrics_ptr + MET_RATIO_MIN, tl.exp(tl.where(n_act > 0.0, dmin, 0.0)))
+    tl.store(metrics_ptr + MET_PSI_MEAN, tl.sum(a_psi, 0) / n)
+    tl.store(metrics_ptr + MET_ZETA_MEAN, tl.sum(a_zeta, 0) / n)
+    tl.store(metrics_ptr + MET_SURVIVAL_MEAN, tl.sum(a_surv, 0) / n)
+    tl.store(metrics_ptr + MET_LOW_SURVIVAL_FRAC, tl.sum(a_low, 0) / n)
     clo = tl.sum(a_clo, 0)
     chi = tl.sum(a_chi, 0)
-    tl.store(metrics_ptr + 7, clo / n)
-    tl.store(metrics_ptr + 8, chi / n)
-    tl.store(metrics_ptr + 9, (clo + chi) / n)
-    tl.store(metrics_ptr + 10, tl.sum(a_dual, 0) / n)
-    tl.store(metrics_ptr + 11, tl.sum(a_ent, 0) / n)
-    tl.store(metrics_ptr + 12, tl.sum(a_kl, 0) / n)
-    kind = tl.where(layout_ok, tl.where(first_bad < N, 1, 0), 2)
+    tl.store(metrics_ptr + MET_CLIPFRAC_LOW, clo / n)
+    tl.store(metrics_ptr + MET_CLIPFRAC_HIGH, chi / n)
+    tl.store(metrics_ptr + MET_CLIPFRAC, (clo + chi) / n)
+    tl.store(metrics_ptr + MET_DUAL_CLIPFRAC, tl.sum(a_dual, 0) / n)
+    tl.store(metrics_ptr + MET_ENTROPY_MEAN, tl.sum(a_ent, 0) / n)
+    tl.store(metrics_ptr + MET_KL_REF, tl.sum(a_kl, 0) / n)
+    kind = tl.where(layout_ok, tl.where(first_bad < N, BAD_TARGET, BAD_NONE), BAD_CU_SEQLENS)
     tl.store(bad_ptr, kind.to(tl.int64))
-    tl.store(bad_ptr + 1, tl.where(kind == 1, first_bad, -1).to(tl.int64))
+    tl.store(bad_ptr + 1, tl.where(kind == BAD_TARGET, first_bad, -1).to(tl.int64))
 
 
 def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-           seq_level, agg, ignore_index, num_classes, check):
+           seq_level, agg, ignore_index, num_classes, check, agg_norm=None):
     """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64); contract: ``mhpo_kernels.backends``."""
     N = logp.shape[0]
     dev = logp.device
@@ -281,8 +272,9 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
         loss, dlogp, metrics, bad,
         N, S, int(seq_len), int(ignore_index), int(num_classes), float(beta),
         *[float(p) for p in params[:7]],
+        *[float(v) for v in (AGG_NORM_DEFAULT if agg_norm is None else agg_norm)],
         MODE=int(mode), HAS_ENT=entropy is not None, HAS_MASK=mask is not None, HAS_REF=ref is not None,
         HAS_CU=cu_seqlens is not None, SEQ_LEVEL=bool(seq_level), AGG=int(agg), CHECK=bool(check),
-        BLOCK=FINISH_BLOCK, CLIP_LIMIT=20.0, GSPO_LIMIT=10.0, num_warps=FINISH_WARPS,
+        BLOCK=FINISH_BLOCK, CLIP_LIMIT=CLIP_LOG_RATIO_LIMIT, GSPO_LIMIT=GSPO_LOG_RATIO_LIMIT, num_warps=FINISH_WARPS,
     )
     return loss, dlogp, metrics, bad
