@@ -1,0 +1,206 @@
+"""TRL's ``GRPOTrainer`` with the policy loss computed by this package (checked against trl 1.16.0).
+
+Switch a TRL script to MHPO::
+
+    from mhpo_kernels.integrations.trl import MHPOGRPOConfig, MHPOGRPOTrainer
+    args = MHPOGRPOConfig(output_dir="out", loss_type="grpo", mhpo_c=1.5)    # was GRPOConfig(...)
+    trainer = MHPOGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds)  # was GRPOTrainer
+
+What stays TRL's: everything but the per-token surrogate. ``loss_type`` picks TRL's aggregation
+("grpo", "sapo": per-sequence token means averaged over all completions; "bnpo": local token mean;
+"dr_grpo": token sum / (B * max_completion_length); "dapo", "luspo": as TRL), scaled for gradient
+accumulation as TRL scales it; ``importance_sampling_level`` ("sequence": sequence-level MHPO);
+the k3 KL to the reference model (``beta``, with ``use_bias_correction_kl``), the vLLM importance
+sampling correction, ``top_entropy_quantile`` and ``off_policy_mask_threshold`` (each a per-token
+factor on the surrogate, as in TRL). What is ours: the surrogate, from
+``MHPOGRPOConfig.ratio_control`` ("mhpo", the default, with the ``mhpo_*`` parameters, or "trl":
+TRL's own clip / SAPO surrogate for ``loss_type``), or any :class:`~mhpo_kernels.MHPOConfig` /
+:class:`~mhpo_kernels.ClipConfig` / :class:`~mhpo_kernels.SAPOConfig` / :class:`~mhpo_kernels.GSPOConfig`
+passed as ``MHPOGRPOTrainer(..., ratio_control=...)``. Not supported yet (NotImplementedError):
+``loss_type`` "cispo" / "vespo", the entropy bonus (``entropy_coef``, adaptive entropy) and MoE
+aux losses. Metrics: TRL's ``entropy``, ``kl`` and, for clip controls, ``clip_ratio/low_mean``,
+``clip_ratio/high_mean``, ``clip_ratio/region_mean``; for MHPO ``mhpo/psi_mean``,
+``mhpo/zeta_mean``, ``mhpo/survival_mean``, ``mhpo/low_survival_frac`` (per-process means,
+averaged over processes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from trl import GRPOConfig, GRPOTrainer
+
+from ..api import policy_loss_from_logprobs
+from ..config import RATIO_CONTROLS, ClipConfig, MHPOConfig, SAPOConfig
+
+__all__ = ["MHPOGRPOConfig", "MHPOGRPOTrainer", "trl_ratio_control", "mhpo_config_from_args"]
+
+_DEFAULT = MHPOConfig()
+_CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+_AGGREGATIONS = _CLIP_LOSSES + ("sapo",)
+
+
+@dataclass
+class MHPOGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the surrogate's choice (``ratio_control``) and MHPO's parameters."""
+
+    ratio_control: str = field(default="mhpo", metadata={
+        "help": "'mhpo': MHPO with the mhpo_* parameters; 'trl': TRL's own surrogate for loss_type (clip with "
+                "epsilon / epsilon_high / delta, or SAPO's gate), computed by mhpo-kernels."})
+    mhpo_c: float = field(default=_DEFAULT.c, metadata={"help": "MHPO: LFM bound c."})
+    mhpo_k_pos: float = field(default=_DEFAULT.k_pos, metadata={"help": "MHPO: Weibull shape, positive shifts."})
+    mhpo_lam_pos: float = field(default=_DEFAULT.lam_pos, metadata={"help": "MHPO: Weibull scale, positive shifts."})
+    mhpo_k_neg: float = field(default=_DEFAULT.k_neg, metadata={"help": "MHPO: Weibull shape, negative shifts."})
+    mhpo_lam_neg: float = field(default=_DEFAULT.lam_neg, metadata={"help": "MHPO: Weibull scale, negative shifts."})
+    mhpo_use_lfm: bool = field(default=_DEFAULT.use_lfm, metadata={"help": "MHPO: use the LFM (ablation)."})
+    mhpo_use_dhp: bool = field(default=_DEFAULT.use_dhp, metadata={"help": "MHPO: use the DHP (ablation)."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ratio_control not in ("mhpo", "trl"):
+            raise ValueError(f"ratio_control must be 'mhpo' or 'trl', got {self.ratio_control!r}")
+        mhpo_config_from_args(self)  # validates the mhpo_* values now, not at the first step
+
+
+def mhpo_config_from_args(args) -> MHPOConfig:
+    """MHPOConfig from ``args.mhpo_*`` (paper defaults for a plain ``GRPOConfig``)."""
+    return MHPOConfig(**{f: getattr(args, f"mhpo_{f}", getattr(_DEFAULT, f))
+                         for f in ("c", "k_pos", "lam_pos", "k_neg", "lam_neg", "use_lfm", "use_dhp")})
+
+
+def trl_ratio_control(args):
+    """Our config for TRL's own surrogate of ``args.loss_type``: the clip (epsilon, epsilon_high,
+    two-sided ``delta``) or SAPO's gate (sapo_temperature_pos / _neg)."""
+    if args.loss_type in _CLIP_LOSSES:
+        high = args.epsilon if args.epsilon_high is None else args.epsilon_high
+        return ClipConfig(args.epsilon, high, delta=args.delta)
+    if args.loss_type == "sapo":
+        return SAPOConfig(args.sapo_temperature_pos, args.sapo_temperature_neg)
+    raise NotImplementedError(f"loss_type={args.loss_type!r} has no mhpo-kernels surrogate yet")
+
+
+class MHPOGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` whose policy loss is :func:`mhpo_kernels.policy_loss_from_logprobs` (see the module).
+
+    Args:
+        ratio_control: None: from ``args`` (``MHPOGRPOConfig.ratio_control``; MHPO at the paper's
+            defaults for a plain ``GRPOConfig``); else one of this package's ratio-control configs.
+        backend: as in :func:`mhpo_kernels.policy_loss_from_logprobs`.
+        Everything else: as ``GRPOTrainer``.
+    """
+
+    def __init__(self, *a, ratio_control=None, backend="auto", **kw):
+        super().__init__(*a, **kw)
+        if ratio_control is None:
+            ratio_control = (trl_ratio_control(self.args) if getattr(self.args, "ratio_control", "mhpo") == "trl"
+                             else mhpo_config_from_args(self.args))
+        if not isinstance(ratio_control, RATIO_CONTROLS):
+            names = ", ".join(c.__name__ for c in RATIO_CONTROLS)
+            raise TypeError(f"ratio_control must be one of {names}, got {type(ratio_control).__name__}")
+        unsupported = [what for what, on in (
+            (f"loss_type={self.loss_type!r}", self.loss_type not in _AGGREGATIONS),
+            ("the entropy bonus (entropy_coef / adaptive entropy)", self._entropy_bonus_enabled),
+            ("MoE aux losses (output_router_logits)", self.aux_loss_enabled)) if on]
+        if unsupported:
+            raise NotImplementedError(f"MHPOGRPOTrainer does not support {', '.join(unsupported)} yet")
+        self.ratio_control = ratio_control
+        self.mhpo_backend = backend
+
+    def _aggregation(self, mask, mode, inputs):
+        """(our loss_agg_mode, factor): ``factor * our loss`` is TRL's aggregation for ``self.loss_type``."""
+        B = mask.shape[0]
+        tokens = mask.sum().float()
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in ("grpo", "sapo"):  # TRL's mean runs over every completion, empty ones included
+            return "seq-mean-token-mean", (mask.sum(-1) > 0).sum().float() / B / accumulation
+        if self.loss_type == "luspo":
+            return "seq-mean-token-sum", (mask.sum(-1) > 0).sum().float() / B / accumulation
+        if self.loss_type == "bnpo":
+            return "token-mean", 1.0 / accumulation
+        if self.loss_type == "dr_grpo":
+            return "token-mean", tokens / (B * self.max_completion_length) / accumulation
+        normalizer = self._dapo_normalizer(mode, inputs)  # dapo
+        return "token-mean", tokens / normalizer
+
+    def _dapo_normalizer(self, mode, inputs):  # TRL's: num_items_in_batch spans the generation batch
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
+        if mode == "train":
+            normalizer = normalizer * self.current_gradient_accumulation_steps / self.args.steps_per_generation
+        return normalizer
+
+    def _trl_aggregate(self, per_token, mask, mode, inputs):
+        """TRL's aggregation of a per-token term (the KL), in plain PyTorch."""
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
+        if self.loss_type in ("grpo", "sapo"):
+            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / accumulation
+        if self.loss_type == "luspo":
+            return (per_token * mask).sum(-1).mean() / accumulation
+        if self.loss_type == "bnpo":
+            return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return (per_token * mask).sum() / (mask.shape[0] * self.max_completion_length) / accumulation
+        return (per_token * mask).sum() / self._dapo_normalizer(mode, inputs)
+
+    def _compute_loss(self, model, inputs):
+        prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        input_ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        multimodal = {k: inputs.get(k) for k in (
+            "pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes", "num_tiles",
+            "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")}
+        per_token_logps, entropies, _ = self._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, **multimodal)
+        old = inputs.get("old_per_token_logps")
+        old = per_token_logps.detach() if old is None else old
+        advantages = inputs["advantages"]
+        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
+        # TRL's per-token factors on the surrogate; every ratio control here is positively homogeneous
+        # in A (value and gradient), so loss(A * w) == w * loss(A) for the w >= 0 below
+        factor = torch.ones_like(per_token_logps)
+        if self.top_entropy_quantile < 1.0:
+            factor = factor * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        if self.off_policy_mask_threshold is not None:
+            sampling = inputs.get("sampling_per_token_logps", old)
+            factor = factor * self.get_off_policy_mask(advantages, per_token_logps, sampling, mask,
+                                                       self.off_policy_mask_threshold)
+        if self.use_vllm and self.vllm_importance_sampling_correction:
+            factor = factor * inputs["importance_sampling_ratio"]
+        adv = (advantages * factor).detach()
+
+        mode = "train" if self.model.training else "eval"
+        agg, scale = self._aggregation(mask, mode, inputs)
+        out = policy_loss_from_logprobs(per_token_logps, old, adv, mask, ratio_control=self.ratio_control,
+                                        importance_sampling_level=self.importance_sampling_level,
+                                        loss_agg_mode=agg, backend=self.mhpo_backend)
+        loss = out.loss * scale
+        if self.beta != 0.0:
+            ref = inputs["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+            if self.args.use_bias_correction_kl:  # TRL weights the KL by its (token or sequence) ratio
+                log_ratio = per_token_logps - old
+                if self.importance_sampling_level == "sequence":
+                    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                per_token_kl = per_token_kl * torch.exp(log_ratio)
+            loss = loss + self.beta * self._trl_aggregate(per_token_kl, mask, mode, inputs)
+        self._log_mhpo_metrics(mode, out.metrics, entropies, per_token_kl if self.beta != 0.0 else None, mask)
+        return loss
+
+    def _log_mhpo_metrics(self, mode, metrics, entropies, per_token_kl, mask):
+        def global_masked_mean(x):  # TRL's token-weighted mean over every process
+            totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
+            return (totals[0] / totals[1].clamp(min=1.0)).item()
+
+        if per_token_kl is not None:
+            self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl.detach()))
+        self._metrics[mode]["entropy"].append(global_masked_mean(entropies.detach()))
+        names = {"clipfrac_low": "clip_ratio/low_mean", "clipfrac_high": "clip_ratio/high_mean",
+                 "clipfrac": "clip_ratio/region_mean"}
+        if isinstance(self.ratio_control, MHPOConfig):
+            names = {k: f"mhpo/{k}" for k in ("psi_mean", "zeta_mean", "survival_mean", "low_survival_frac")}
+        names = {k: v for k, v in names.items() if k in metrics}
+        if names:
+            values = self.accelerator.gather(torch.stack([metrics[k].float() for k in names])[None]).mean(0)
+            for name, value in zip(names.values(), values.tolist()):
+                self._metrics[mode][name].append(value)

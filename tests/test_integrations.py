@@ -1,0 +1,407 @@
+"""The verl and TRL adapters against the installed peer packages (``bash .ci/peers.sh`` installs
+verl 0.9.1 and trl 1.16.0; without them these tests skip, saying so).
+
+verl: our losses through verl's own registry (``get_policy_loss_fn``) against verl's own
+``vanilla`` / ``gspo`` / ``sapo`` on the same inputs (loss, gradient, metrics), and MHPO against
+the float64 reference aggregated by verl's own ``agg_loss``. TRL: ``MHPOGRPOTrainer`` against
+``GRPOTrainer._compute_loss`` on one batch, and a few training steps of a tiny random model.
+"""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mhpo_kernels import reference as ref
+
+HAVE_VERL = importlib.util.find_spec("verl") is not None
+HAVE_TRL = importlib.util.find_spec("trl") is not None
+needs_verl = pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed (bash .ci/peers.sh installs it)")
+needs_trl = pytest.mark.skipif(not HAVE_TRL, reason="trl is not installed (bash .ci/peers.sh installs it)")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def close(actual, expected, what, rtol=1e-7, atol=1e-10):
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def test_importing_the_package_imports_no_peer():
+    code = ("import sys, mhpo_kernels, mhpo_kernels.integrations; "
+            "bad = sorted(m for m in ('verl', 'trl', 'transformers', 'ray') if m in sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------------- verl
+
+VERL_MODES = ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+LENGTHS = [9, 4, 7, 0, 6]  # one empty response: verl and we both leave it out of the sequence means
+
+
+def verl_case(seed, spread=1.5):
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(LENGTHS), max(LENGTHS)
+    mask = torch.arange(T)[None, :] < torch.tensor(LENGTHS)[:, None]
+    logp = torch.randn(B, T, generator=g, dtype=torch.float64).clamp(max=0) - 1.0
+    old = logp + spread * torch.randn(B, T, generator=g, dtype=torch.float64)
+    sign = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0], dtype=torch.float64)[:, None]  # both signs, always
+    adv = (0.2 + torch.rand(B, 1, generator=g, dtype=torch.float64)) * sign
+    adv = adv.expand(B, T).contiguous()
+    weights = 0.3 + 1.5 * torch.rand(B, T, generator=g, dtype=torch.float64)  # verl's truncated IS weights: > 0
+    return logp, old, adv, mask, weights
+
+
+def actor_config(global_batch_info=None, **policy_loss):
+    from mhpo_kernels.integrations.verl import MHPOPolicyLossConfig
+    from verl.workers.config import FSDPActorConfig
+
+    return FSDPActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=1, clip_ratio=0.2,
+                           clip_ratio_low=0.2, clip_ratio_high=0.28, tau_pos=1.0, tau_neg=1.05,
+                           policy_loss=MHPOPolicyLossConfig(**policy_loss),
+                           global_batch_info=dict(global_batch_info or {}))
+
+
+def global_info(mask, dp_size=2):
+    """What verl's trainer sets for a micro-batch of a larger global batch (here: this batch twice)."""
+    return dict(dp_size=dp_size, batch_num_tokens=2 * int(mask.sum()),
+                global_batch_size=2 * int((mask.sum(-1) > 0).sum()), loss_scale_factor=16)
+
+
+def call(name, logp, old, adv, mask, mode, config, weights):
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+
+    x = logp.clone().requires_grad_()
+    loss, metrics = get_policy_loss_fn(name)(old_log_prob=old, log_prob=x, advantages=adv, response_mask=mask,
+                                             loss_agg_mode=mode, config=config, rollout_is_weights=weights)
+    loss.backward()
+    return loss.detach(), x.grad, metrics
+
+
+@needs_verl
+@pytest.mark.parametrize("extras", ["plain", "global+weights"])
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("ours,theirs", [("mk_vanilla", "vanilla"), ("mk_gspo", "gspo"), ("mk_sapo", "sapo")])
+def test_verl_losses_through_verl_registry(ours, theirs, mode, extras):
+    """Our ClipConfig / GSPOConfig / SAPOConfig behind verl's registry == verl's own function:
+    same config keys, aggregation (global normalisers included), rollout weights, metrics."""
+    import mhpo_kernels.integrations.verl  # noqa: F401
+
+    logp, old, adv, mask, weights = verl_case(seed=len(ours + mode))
+    plain = extras == "plain"
+    config = actor_config(None if plain else global_info(mask), loss_mode=ours)
+    w = None if plain else weights
+    loss, grad, metrics = call(ours, logp, old, adv, mask, mode, config, w)
+    want_loss, want_grad, want_metrics = call(theirs, logp, old, adv, mask, mode, config, w)
+    close(loss, want_loss, "loss")
+    close(grad, want_grad, "grad")
+    assert set(want_metrics) <= set(metrics)
+    for k, v in want_metrics.items():
+        close(metrics[k], v, k)
+    if ours == "mk_vanilla":  # the case exercises both clip edges and the dual clip
+        assert 0 < want_metrics["actor/pg_clipfrac"] < 1 and 0 < want_metrics["actor/pg_clipfrac_lower"] < 1
+
+
+def reference_token_loss(name, logp, old, adv, mask, cfg):
+    m = mask.double()
+    if name == "mhpo_seq":
+        return ref.sequence_token_loss(logp, old, adv, m, cfg)
+    return ref.token_loss(torch.where(mask, logp - old, torch.zeros_like(old)), adv, cfg)
+
+
+@needs_verl
+@pytest.mark.parametrize("extras", ["plain", "global+weights"])
+@pytest.mark.parametrize("mode", VERL_MODES)
+@pytest.mark.parametrize("name", ["mhpo", "mhpo_seq"])
+def test_verl_mhpo_vs_reference(name, mode, extras):
+    """MHPO through verl's registry == the float64 reference's per-token loss (times the rollout
+    weights) aggregated by verl's own agg_loss; the parameters come from the actor config."""
+    import mhpo_kernels as mk
+    import mhpo_kernels.integrations.verl  # registers
+    from verl.trainer.ppo.core_algos import agg_loss
+
+    logp, old, adv, mask, weights = verl_case(seed=len(name + mode))
+    plain = extras == "plain"
+    info = None if plain else global_info(mask)
+    config = actor_config(info, loss_mode=name, mhpo_c=2.0, mhpo_k_pos=1.3, mhpo_lam_neg=0.9)
+    cfg = mk.MHPOConfig(c=2.0, k_pos=1.3, lam_neg=0.9)
+    loss, grad, metrics = call(name, logp, old, adv, mask, mode, config, None if plain else weights)
+
+    x = logp.clone().requires_grad_()
+    L = reference_token_loss(name, x, old, adv, mask, cfg)
+    want = agg_loss(L if plain else L * weights, mask, mode, **(info or {}))
+    want.backward()
+    close(loss, want, "loss")
+    close(grad, x.grad, "grad")
+    delta = torch.where(mask, logp - old, torch.zeros_like(old))
+    close(metrics["actor/ppo_kl"], -delta.sum() / mask.sum(), "ppo_kl")
+    level_delta = delta if name == "mhpo" else torch.where(mask, ref.sequence_log_ratio(delta, mask.double())[:, None],
+                                                           torch.zeros_like(old))
+    want_metrics = ref.policy_metrics(cfg, level_delta.reshape(-1), mask.reshape(-1))
+    for k in ("psi_mean", "zeta_mean", "survival_mean", "low_survival_frac"):
+        close(metrics[f"actor/mhpo_{k}"], want_metrics[k], k, rtol=1e-6, atol=1e-7)
+    assert metrics["actor/pg_clipfrac"] == 0.0 and metrics["actor/pg_clipfrac_lower"] == 0.0
+
+
+@needs_verl
+@pytest.mark.parametrize("mode", VERL_MODES)
+def test_verl_micro_batches_add_up(mode):
+    """With verl's global_batch_info, the micro-batch losses (and gradients) add up to the loss of
+    the whole batch computed in one call."""
+    import mhpo_kernels.integrations.verl  # noqa: F401
+
+    logp, old, adv, mask, weights = verl_case(seed=3)
+    whole = call("mhpo", logp, old, adv, mask, mode, actor_config(loss_mode="mhpo"), weights)
+    info = dict(dp_size=1, batch_num_tokens=int(mask.sum()), global_batch_size=int((mask.sum(-1) > 0).sum()))
+    parts = [call("mhpo", logp[s], old[s], adv[s], mask[s], mode, actor_config(info, loss_mode="mhpo"), weights[s])
+             for s in (slice(0, 2), slice(2, None))]
+    close(parts[0][0] + parts[1][0], whole[0], "loss")
+    close(torch.cat([parts[0][1], parts[1][1]]), whole[1], "grad")
+
+
+@needs_verl
+def test_verl_config_through_hydra_targets():
+    """The documented overrides: verl builds the actor config from ``_target_``s; ours adds mhpo_*."""
+    from mhpo_kernels.integrations.verl import mhpo_config_from_verl
+    from omegaconf import OmegaConf
+    from verl.utils.config import omega_conf_to_dataclass
+
+    cfg = OmegaConf.create({
+        "_target_": "verl.workers.config.FSDPActorConfig", "strategy": "fsdp", "rollout_n": 1,
+        "ppo_micro_batch_size_per_gpu": 1,
+        "policy_loss": {"_target_": "mhpo_kernels.integrations.verl.MHPOPolicyLossConfig", "loss_mode": "mhpo",
+                        "mhpo_c": 2.5, "mhpo_use_dhp": False}})
+    got = mhpo_config_from_verl(omega_conf_to_dataclass(cfg))
+    assert (got.c, got.use_dhp, got.k_pos) == (2.5, False, 1.5)
+    plain = omega_conf_to_dataclass(OmegaConf.create({**cfg, "policy_loss": {"loss_mode": "mhpo"}}))
+    from mhpo_kernels import MHPOConfig
+    assert mhpo_config_from_verl(plain) == MHPOConfig()  # verl's own PolicyLossConfig: the paper's defaults
+
+
+@needs_verl
+def test_verl_bad_input():
+    import mhpo_kernels.integrations.verl as adapter
+
+    logp, old, adv, mask, weights = verl_case(seed=1)
+    with pytest.raises(ValueError, match="rollout_is_weights must be >= 0"):
+        call("mhpo", logp, old, adv, mask, "token-mean", actor_config(loss_mode="mhpo"), -weights)
+    with pytest.raises(ValueError, match="shape"):
+        call("mhpo", logp, old, adv, mask, "token-mean", actor_config(loss_mode="mhpo"), weights[:, :3])
+    with pytest.raises(ValueError, match="batch_num_tokens is required"):
+        call("mhpo", logp, old, adv, mask, "token-mean", actor_config(dict(dp_size=2), loss_mode="mhpo"), None)
+    with pytest.raises(ValueError, match="Invalid loss_agg_mode"):
+        call("mhpo", logp, old, adv, mask, "token-max", actor_config(loss_mode="mhpo"), None)
+    with pytest.raises(ValueError, match="already has a policy loss named 'vanilla'"):
+        adapter.register("vanilla")
+    with pytest.raises(ValueError, match="c must be a finite number"):
+        call("mhpo", logp, old, adv, mask, "token-mean", actor_config(loss_mode="mhpo", mhpo_c=-1.0), None)
+
+
+@needs_verl
+@pytest.mark.slow
+def test_verl_external_modules_hook_registers_in_a_fresh_process():
+    """The documented switch: VERL_USE_EXTERNAL_MODULES makes `import verl` register our losses."""
+    code = ("from verl.trainer.ppo.core_algos import get_policy_loss_fn; "
+            "assert get_policy_loss_fn('mhpo').__module__ == 'mhpo_kernels.integrations.verl'")
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="mhpo_kernels.integrations.verl")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
+
+
+# ----------------------------------------------------------------------------------------------- TRL
+
+TRL_V = 151936  # Qwen2's vocabulary (the slow tests); the fast ones use a small one, same code path
+SMALL_V = 2048
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen():
+    """vocab size -> (tokenizer, model factory): a word-level tokenizer over ``t0 .. t{V-1}`` and a
+    randomly initialised 2-layer Qwen2 with hidden size 64; nothing is downloaded."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    def build(V):
+        tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(V)}, unk_token="t0"))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2")
+        tokenizer.padding_side = "left"
+        config = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=1, eos_token_id=2)
+
+        def model(seed=0):
+            torch.manual_seed(seed)
+            return Qwen2ForCausalLM(config)
+
+        return tokenizer, model
+
+    cache = {}
+
+    def get(V=SMALL_V):
+        if V not in cache:
+            cache[V] = build(V)
+        return cache[V]
+
+    return get
+
+
+def toy_reward(completions, **kw):
+    """Prefers completions with even token ids (a reward the tiny model can move)."""
+    return [sum(int(t[1:]) % 2 == 0 for t in c.split()) / max(len(c.split()), 1) for c in completions]
+
+
+def grpo_trainer(tiny_qwen, tmp_path, control=None, V=SMALL_V, **args):
+    from datasets import Dataset
+    from mhpo_kernels.integrations.trl import MHPOGRPOConfig, MHPOGRPOTrainer
+
+    tokenizer, model = tiny_qwen(V)
+    dataset = Dataset.from_dict({"prompt": [f"t{10 + i} t{200 + i} t{1000 + i}" for i in range(16)]})
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
+                report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, logging_steps=1)
+    config = MHPOGRPOConfig(**{**base, **args})
+    return MHPOGRPOTrainer(model=model(), reward_funcs=toy_reward, args=config, train_dataset=dataset,
+                           processing_class=tokenizer, ratio_control=control)
+
+
+def trl_batch(trainer, seed, V=SMALL_V):
+    """One batch of _compute_loss inputs with off-policy old / reference log-probs, both advantage
+    signs and an empty completion."""
+    g = torch.Generator().manual_seed(seed)
+    B, P, C = 4, 3, 6
+    prompt_ids = torch.randint(3, V, (B, P), generator=g)
+    completion_ids = torch.randint(3, V, (B, C), generator=g)
+    completion_mask = (torch.arange(C)[None, :] < torch.tensor([6, 3, 0, 5])[:, None]).long()
+    inputs = dict(prompt_ids=prompt_ids, prompt_mask=torch.ones(B, P, dtype=torch.long), completion_ids=completion_ids,
+                  completion_mask=completion_mask, advantages=torch.tensor([1.2, -0.7, 0.4, -1.5]),
+                  num_items_in_batch=completion_mask.sum())
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            trainer.model, torch.cat([prompt_ids, completion_ids], 1),
+            torch.cat([inputs["prompt_mask"], completion_mask], 1), C)
+    inputs["old_per_token_logps"] = logp + 0.5 * torch.randn(B, C, generator=g)
+    inputs["ref_per_token_logps"] = logp + 0.3 * torch.randn(B, C, generator=g)
+    return inputs
+
+
+def loss_and_grads(trainer, compute_loss, inputs):
+    trainer.model.zero_grad()
+    loss = compute_loss(trainer.model, inputs)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
+
+
+TRL_CASES = {  # name -> MHPOGRPOConfig arguments (ratio_control="trl": TRL's own surrogate, by us)
+    "grpo": dict(loss_type="grpo"),
+    "bnpo_two_sided": dict(loss_type="bnpo", delta=1.5),
+    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dapo_clip_higher": dict(loss_type="dapo", epsilon_high=0.28),
+    "sapo": dict(loss_type="sapo"),
+    "gspo_kl": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.04),
+    "bnpo_kl_plain": dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=False),
+}
+
+
+@needs_trl
+@pytest.mark.parametrize("case", list(TRL_CASES))
+def test_trl_loss_equals_grpo_trainer(tiny_qwen, tmp_path, case):
+    """ratio_control="trl": our loss and gradients == GRPOTrainer._compute_loss's on the same batch
+    (gradient accumulation 2: TRL's scaling too)."""
+    from trl import GRPOTrainer
+
+    args = dict(TRL_CASES[case])
+    beta = args.pop("beta", 0.0)
+    trainer = grpo_trainer(tiny_qwen, tmp_path, ratio_control="trl", **args)
+    trainer.beta = beta  # _compute_loss reads it; a real beta > 0 would also load a reference model
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    inputs = trl_batch(trainer, seed=len(case))
+    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
+    want, want_grads = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
+    scale = max(g.abs().max().item() for g in want_grads)
+    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_trl
+@pytest.mark.parametrize("level", ["token", "sequence"])
+def test_trl_mhpo_vs_reference(tiny_qwen, tmp_path, level):
+    """The default switch (MHPO, parameters from MHPOGRPOConfig): loss and gradients == the float64
+    reference's per-token MHPO loss aggregated TRL's "grpo" way (empty completions count, accumulation 2)."""
+    import mhpo_kernels as mk
+
+    trainer = grpo_trainer(tiny_qwen, tmp_path, loss_type="grpo", importance_sampling_level=level, mhpo_c=2.0,
+                           mhpo_k_neg=1.7)
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    inputs = trl_batch(trainer, seed=11)
+    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
+
+    def reference_loss(model, x):
+        ids = torch.cat([x["prompt_ids"], x["completion_ids"]], 1)
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, ids, torch.cat([x["prompt_mask"], x["completion_mask"]], 1), ids.shape[1] - 3)
+        mask = x["completion_mask"] != 0
+        old, adv = x["old_per_token_logps"].double(), x["advantages"].double()[:, None].expand(mask.shape)
+        L = reference_token_loss("mhpo" if level == "token" else "mhpo_seq", logp.double(), old, adv, mask,
+                                 mk.MHPOConfig(c=2.0, k_neg=1.7))
+        return ((L * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean() / 2
+
+    want, want_grads = loss_and_grads(trainer, reference_loss, inputs)
+    scale = max(g.abs().max().item() for g in want_grads)
+    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_trl
+def test_trl_bad_input(tiny_qwen, tmp_path):
+    from mhpo_kernels.integrations.trl import MHPOGRPOConfig
+
+    with pytest.raises(ValueError, match="ratio_control must be 'mhpo' or 'trl'"):
+        MHPOGRPOConfig(output_dir=str(tmp_path), ratio_control="ppo", report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(ValueError, match="c must be a finite number"):
+        MHPOGRPOConfig(output_dir=str(tmp_path), mhpo_c=0.0, report_to="none", use_cpu=True, bf16=False)
+    with pytest.raises(NotImplementedError, match="loss_type='cispo'"):
+        grpo_trainer(tiny_qwen, tmp_path, loss_type="cispo")
+    with pytest.raises(NotImplementedError, match="entropy bonus"):
+        grpo_trainer(tiny_qwen, tmp_path, entropy_coef=0.01)
+    with pytest.raises(TypeError, match="ratio_control must be one of"):
+        grpo_trainer(tiny_qwen, tmp_path, control="mhpo")
+
+
+@needs_trl
+@pytest.mark.slow
+def test_trl_full_vocab_step_equals_grpo_trainer(tiny_qwen, tmp_path):
+    """The clip case at Qwen2's real vocabulary size (151936)."""
+    from trl import GRPOTrainer
+
+    trainer = grpo_trainer(tiny_qwen, tmp_path, V=TRL_V, ratio_control="trl", loss_type="dapo", epsilon_high=0.28)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs = trl_batch(trainer, seed=5, V=TRL_V)
+    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
+    want, want_grads = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
+    scale = max(g.abs().max().item() for g in want_grads)
+    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_trl
+@pytest.mark.slow
+def test_trl_trains_five_steps_with_mhpo(tiny_qwen, tmp_path):
+    """GRPOTrainer's own loop (generation, rewards, advantages, two iterations per batch so the
+    ratios leave 1) runs 5 optimizer steps with MHPO on CPU at V = 151936."""
+    trainer = grpo_trainer(tiny_qwen, tmp_path, V=TRL_V, loss_type="grpo", max_steps=5, num_iterations=2,
+                           learning_rate=1e-2)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 5
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert all(0 < h["mhpo/survival_mean"] <= 1 for h in logs)
+    assert any(h["mhpo/psi_mean"] != 0 for h in logs), "the second iteration of a batch is off-policy"
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
