@@ -28,10 +28,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness as H  # noqa: E402
-import torch  # noqa: E402
+import harness as H
+import torch
 
-import mhpo_kernels as mk  # noqa: E402
+import mhpo_kernels as mk
 
 OP = "fused_linear_mhpo_loss"
 LIGER_SEQ_LEN = 512  # Liger chunks over sequences: [B, T, H] with B = N / T, one sequence per chunk
@@ -151,7 +151,8 @@ def variants(args, shape):
         out.append(H.Variant(H.COMPILED, "compiled", _setup, _compiled(), compiled=True,
                              note="torch.compile of the eager unfused path"))
     if "liger" in args.peers:
-        skip = None if importlib.util.find_spec("liger_kernel") else "liger-kernel not installed (pip install liger-kernel)"
+        skip = (None if importlib.util.find_spec("liger_kernel")
+                else "liger-kernel not installed (pip install liger-kernel)")
         out.append(H.Variant("liger-fl-grpo", "peer", _setup, _liger(), skip=skip, compiled=True,
                              note=f"LigerFusedLinearGRPOLoss bnpo, {LIGER_SEQ_LEN}-token sequences, 1 per chunk"))
         fused = [b for b in H.wanted_backends(args, device) if b in mk.available_backends(device)]
@@ -184,7 +185,8 @@ def goals(rows):
         for name, r in vs.items():
             if not name.startswith("fused"):
                 continue
-            parts = [f"- N={N} V={V} H={Hd} {dtype} {name}: {r['ms_p50']:.1f} ms, peak {r['peak_bytes'] / 2**20:.0f} MiB"]
+            parts = [f"- N={N} V={V} H={Hd} {dtype} {name}: {r['ms_p50']:.1f} ms, "
+                     f"peak {r['peak_bytes'] / 2**20:.0f} MiB"]
             if lig:
                 t, m = lig["ms_p50"] / r["ms_p50"], r["peak_bytes"] / max(lig["peak_bytes"], 1)
                 ok = t >= 1.0 and m <= GOAL_MEM_FRAC

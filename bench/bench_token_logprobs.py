@@ -14,12 +14,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import harness as H  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import harness as H
+import torch
+import torch.nn.functional as F
 
-import mhpo_kernels as mk  # noqa: E402
-from mhpo_kernels.tools import bench_utils as bu  # noqa: E402
+import mhpo_kernels as mk
+from mhpo_kernels.tools import bench_utils as bu
 
 OP = "token_logprobs"
 

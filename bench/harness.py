@@ -201,7 +201,7 @@ def _worker(op, spec: dict) -> None:
         variant = next(v for v in op.variants(args, shape) if v.name == spec["variant"])
         try:
             res = measure_variant(op, args, variant, shape)
-        except Exception as e:  # noqa: BLE001 - reported as the row's status
+        except Exception as e:  # reported as the row's status
             res = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300], "trace": traceback.format_exc()[-2000:]}
         print(f"@@RESULT {i} " + json.dumps(res), flush=True)
 
@@ -257,7 +257,7 @@ def run(op, argv=None, notes_out: Optional[list] = None) -> List[dict]:
         for v in op.variants(args, shape):
             todo.setdefault(v.name, []).append((shape, v))
     batch = use_sub and bu.cpu_peak_method() == "vmhwm"
-    for name, pairs in todo.items():
+    for pairs in todo.values():
         live = []
         for shape, v in pairs:
             if v.skip:
@@ -304,7 +304,7 @@ def run(op, argv=None, notes_out: Optional[list] = None) -> List[dict]:
 def _measure_here(op, args, v, shape) -> dict:
     try:
         return measure_variant(op, args, v, shape)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         oom = isinstance(e, getattr(torch.cuda, "OutOfMemoryError", ()))
         if args.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -332,7 +332,7 @@ def _row(op, args, info, shape, v, mode, res, copy_gbs, status="ok") -> dict:
 
 def add_speedups(rows: List[dict]) -> None:
     """speedup_eager / speedup_compiled: reference time / this time, same op, shape, dtype and mode."""
-    key = lambda r: (r["op"], r["N"], r["V"], r["H"], r["dtype"], r["mode"])  # noqa: E731
+    key = lambda r: (r["op"], r["N"], r["V"], r["H"], r["dtype"], r["mode"])
     base = {}
     for r in rows:
         if r["variant"] in (EAGER, COMPILED) and r["ms_p50"]:
@@ -345,8 +345,8 @@ def add_speedups(rows: List[dict]) -> None:
 
 COLUMNS = ["op", "variant", "kind", "N", "V", "H", "dtype", "mode", "ms_p20", "ms_p50", "ms_p80", "peak_bytes",
            "bytes_floor", "gbs", "copy_gbs", "frac_copy", "flops", "tflops", "speedup_eager", "speedup_compiled",
-           "status", "note", "n_sets", "repeats", "mem_method", "device", "device_name", "torch", "triton", "mhpo_kernels",
-           "commit", "date"]
+           "status", "note", "n_sets", "repeats", "mem_method", "device", "device_name", "torch", "triton",
+           "mhpo_kernels", "commit", "date"]
 
 
 def write_rows(rows: List[dict], out: str, stem: str) -> None:

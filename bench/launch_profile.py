@@ -129,7 +129,7 @@ def profile_step(step, s, device, calls: int = 5) -> dict:
     }
     if cuda:
         dev = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-        is_copy = lambda e: "memcpy" in e.name.lower() or "memset" in e.name.lower()  # noqa: E731
+        is_copy = lambda e: "memcpy" in e.name.lower() or "memset" in e.name.lower()
         res["kernels"] = sum(not is_copy(e) for e in dev) / calls
         res["memcpy_memset"] = sum(is_copy(e) for e in dev) / calls
         res["gpu_busy_ms"] = sum(e.device_time for e in dev) / calls / 1e3
@@ -216,7 +216,8 @@ def run(device_kinds, cuda_shapes, cpu_shape, calls) -> dict:
                 r = profile_step(_mhpo_step(b), s, "cuda", calls)
                 results.append(dict(device="cuda", backend=b, N=N, V=V, **r))
                 tag = f"{b}, N={N} V={V} bf16"
-                lines.append(goal_line(f"[#11] GPU kernels per mhpo_loss fwd+bwd ({tag}) <= 3 (1 fwd + 1 finishing + 1 bwd)",
+                lines.append(goal_line(f"[#11] GPU kernels per mhpo_loss fwd+bwd ({tag}) <= 3 "
+                                       "(1 fwd + 1 finishing + 1 bwd)",
                                        f"{r['kernels']:.0f} kernels + {r['memcpy_memset']:.0f} memcpy/memset, "
                                        f"{r['work_ops']:.0f} work ops, GPU busy {r['gpu_busy_ms']:.2f} of "
                                        f"{r['wall_ms']:.2f} ms, enqueue {r['enqueue_ms']:.2f} ms",

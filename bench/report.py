@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     ap.add_argument("--name", default=None, help="file stem (default: <device>-<date>)")
     ap.add_argument("--no-plots", action="store_true")
-    ap.add_argument("--no-subprocess", action="store_true", help="CPU: measure in this process (faster, memory less exact)")
+    ap.add_argument("--no-subprocess", action="store_true",
+                    help="CPU: measure in this process (faster, memory less exact)")
     a = ap.parse_args(argv)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     info = bu.env_info(device)

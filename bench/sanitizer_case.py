@@ -73,8 +73,8 @@ def main(argv=None) -> int:
                     lerr = abs(out.loss.item() - want.loss.item()) / max(abs(want.loss.item()), 1e-6)
                     ok = err <= tol and lerr <= 1e-4 and torch.isfinite(x.grad).all().item()
                     bad += not ok
-                    print(f"  {backend:6s} shape={shape} V={V} {str(dtype)[6:]:8s} inplace={inplace!s:5s} fused={fused!s:5s} "
-                          f"grad err {err:.1e} loss err {lerr:.1e} {'ok' if ok else 'FAIL'}")
+                    print(f"  {backend:6s} shape={shape} V={V} {str(dtype)[6:]:8s} inplace={inplace!s:5s} "
+                          f"fused={fused!s:5s} grad err {err:.1e} loss err {lerr:.1e} {'ok' if ok else 'FAIL'}")
     print(f"{'FAIL' if bad else 'OK'}: {bad} failing case(s)")
     return 1 if bad else 0
 

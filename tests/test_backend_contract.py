@@ -7,8 +7,7 @@ so the device audit of tests/conftest.py, which stops at the public entry points
 import pytest
 import toy_backend
 import torch
-from conftest import TOL, assert_close
-from util import device_for
+from util import TOL, assert_close, device_for
 
 import mhpo_kernels as mk
 from mhpo_kernels import backends, reference
@@ -130,7 +129,8 @@ FINISH_CASES = [
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
 @pytest.mark.parametrize("cfg,level,agg,packed", FINISH_CASES,
-                         ids=[f"{type(c).__name__}-{lv}-{a}-{'packed' if p else 'padded'}" for c, lv, a, p in FINISH_CASES])
+                         ids=[f"{type(c).__name__}-{lv}-{a}-{'packed' if p else 'padded'}"
+                              for c, lv, a, p in FINISH_CASES])
 def test_finish(launcher, cfg, level, agg, packed):
     """loss, d loss / d logp and every metric of the O(N) step against reference.policy_loss_from_logprobs."""
     logits, target, old, adv, mask, ref = _case(launcher, N=12, seed=4)

@@ -81,6 +81,7 @@ def test_harness_tiny_shape(tmp_path):
     assert any(p.endswith("vs-V.png") for p in pngs)
 
 
+@pytest.mark.slow
 def test_check_cli_quick():
     proc = subprocess.run([sys.executable, "-m", "mhpo_kernels", "check", "--quick", "--interpret", "off"],
                           cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
@@ -112,6 +113,7 @@ def _check_out_dir(out_dir):
     return files
 
 
+@pytest.mark.slow
 def test_gpu_report_dry_run(tmp_path):
     proc, out = _gpu_report(tmp_path, "--dry-run")
     assert proc.returncode == 0, out
@@ -125,7 +127,7 @@ def test_gpu_report_dry_run(tmp_path):
     # a missing backend is checked before anything runs
     assert any(ln.startswith("[backends] backends on cpu: expected cpu,") and ln.endswith(": OK") for ln in lines)
     assert any(ln.startswith("[link] _C_cpu") for ln in lines)
-    # the issues' GPU targets, one verdict per line; issue 12's path does not exist yet
+    # the issues' GPU targets, one verdict per line
     goals = [ln for ln in lines if ln.startswith("goal: ")]
     assert goals and all(GOAL_LINE.match(g) for g in goals), "\n".join(g for g in goals if not GOAL_LINE.match(g))
     for tag in ("[#11] mhpo_loss fwd+bwd bf16 N=1024 V=151936 <= 0.70 ms",
@@ -165,6 +167,7 @@ def test_crash():
 """
 
 
+@pytest.mark.slow
 def test_gpu_report_lists_failing_and_crashing_tests(tmp_path):
     """A crashing test costs one test (with pytest-xdist) or ends the run (without), and either way the
     summary names the failing and the crashed test ids; the step fails the script."""

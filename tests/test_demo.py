@@ -13,6 +13,7 @@ from mhpo_kernels.tools import bench_utils as _bench_utils
 from mhpo_kernels.tools import demo
 
 
+@pytest.mark.slow
 def test_demo_smoke(tmp_path):
     out = tmp_path / "demo"
     assert demo.main(["--smoke", "--quiet", "--out", str(out)]) == 0
@@ -88,6 +89,7 @@ def test_default_device_follows_cuda(monkeypatch):
     assert demo.parse([]).device == "cpu"
 
 
+@pytest.mark.slow
 def test_chunk_size_reaches_the_loss(monkeypatch, tmp_path):
     seen = []
     real = fused_linear.fused_linear_mhpo_loss

@@ -49,6 +49,7 @@ def test_fused_backends_cover_cpu_and_cuda_devices():
         assert b in mk.available_backends(device_for(b)), b
 
 
+@pytest.mark.slow
 def test_every_backend_test_builds_on_its_backends_device():
     r = audit(*AUDITED)
     tail = r.stdout[-6000:] + r.stderr[-2000:]
@@ -57,6 +58,7 @@ def test_every_backend_test_builds_on_its_backends_device():
     assert passed > 500, tail  # every backend test was audited, not just a few
 
 
+@pytest.mark.slow
 def test_device_audit_catches_a_test_that_builds_cpu_tensors():
     """The audit itself can fail: the probe below builds CPU tensors whatever the backend."""
     r = audit("tests/test_devices.py", probe=True)

@@ -287,9 +287,10 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     trim = ctypes.CDLL("libc.so.6").malloc_trim
     def warm(n, v):  # first calls set up thread pools and GEMM buffers: not the loss's memory
         hh, ww = hidden[:n].clone().requires_grad_(), weight[:v].clone().requires_grad_()
-        mk.fused_linear_mhpo_loss(hh, ww, ids[:n] % v, old[:n], adv[:n], backend="cpu").loss.backward()
+        mk.fused_linear_mhpo_loss(hh, ww, ids[:n] % v, old[:n], adv[:n], backend="cpu", chunk_size=rows,
+                                  vocab_chunk_size=cols).loss.backward()  # the measured tiles' GEMM shapes
         mk.policy_loss(torch.nn.functional.linear(hh, ww), ids[:n] % v, old[:n], adv[:n], backend="cpu").loss.backward()
-    warm(N, 256)
+    warm(N, min(V, 2 * cols) if cols else 256)
     peaks = {}
     for name in variants:  # the smaller first: valid with either way of reading the peak
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()

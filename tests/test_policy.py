@@ -12,8 +12,8 @@ import mhpo_kernels as mk
 from mhpo_kernels import reference as R
 from mhpo_kernels._inputs import LOSS_AGG_MODES
 
-from conftest import SCALAR_TOL, TOL, assert_close, assert_compiled_matches_eager, backward_random
-from util import device_for, fused_backends, make_case
+from util import (SCALAR_TOL, TOL, assert_close, assert_compiled_matches_eager, backward_random, check_outputs,
+                  device_for, fused_backends, make_case)
 
 FUSED = fused_backends()  # each on its own device (util.device_for)
 FROM_LOGPROBS = "from_logprobs"  # the backend-free path: tensors on util.DEVICE
@@ -47,7 +47,7 @@ def case_for(shape_name, V, dtype, seed, *, backend, **kw):
         mask[MASKED_SEQ] = 0
         old[MASKED_SEQ], adv[MASKED_SEQ] = float("inf"), float("nan")
         cu = torch.tensor(cu, dtype=torch.int32)
-    to = lambda t: None if t is None else t.to(device_for(backend))  # noqa: E731
+    to = lambda t: None if t is None else t.to(device_for(backend))
     return tuple(to(t) for t in (logits, ids, old, adv, mask, ref, cu))
 
 
@@ -64,39 +64,32 @@ def run(backend, case, *, mode, beta=0.0, upstream_seed=0, return_entropy=True, 
     return out, leaf.grad
 
 
-def check(out, grad, want, want_grad, dtype):
-    assert out.loss.dtype == torch.float32 and grad.dtype == dtype
-    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
-    assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
-    if want.entropy is not None:
-        assert_close(out.entropy, want.entropy, *SCALAR_TOL, "entropy")
-    assert_close(grad, want_grad, *TOL[dtype], "grad")
-    assert out.metrics.keys() == want.metrics.keys()
-    for k in want.metrics:
-        assert_close(out.metrics[k], want.metrics[k], 1e-4, 1e-4, f"metric {k}", floor=1e-2)
-
-
 def double(case):
     return tuple(None if t is None else (t.double() if t.is_floating_point() else t) for t in case)
 
 
-GRID = list(itertools.product(MODES, SHAPES))
+def grid():
+    """mode x shape, the remaining options cycled over it; the id spells every option."""
+    for i, (mode, shape) in enumerate(itertools.product(MODES, SHAPES)):
+        dtype, agg, V = list(DTYPES)[i % 3], LOSS_AGG_MODES[(i // 3) % 4], (127, 1031)[(i // 7) % 2]
+        T, beta, entropy, inplace = (1.0, 0.7)[i % 2], (0.0, 0.1)[(i // 2) % 2], (i // 4) % 2 == 0, (i // 5) % 2
+        yield pytest.param(mode, shape, dtype, V, T, agg, beta, entropy, bool(inplace), i,
+                           id=f"{mode}-{shape}-{dtype}-V{V}-T{T}-{agg}-beta{beta}-{('logp', 'entropy')[entropy]}-"
+                              f"{('alloc', 'inplace')[inplace]}-seed{i}")
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("mode,shape", GRID, ids=[f"{m}-{s}" for m, s in GRID])
-def test_mode_vs_reference(backend, mode, shape):
+@pytest.mark.parametrize("mode,shape,dtype,V,temperature,agg,beta,return_entropy,inplace,seed", list(grid()))
+def test_mode_vs_reference(backend, mode, shape, dtype, V, temperature, agg, beta, return_entropy, inplace, seed):
     """Each mode through the fused kernels against reference.policy_loss in float64."""
-    i = GRID.index((mode, shape))  # cycle the remaining options over the grid
-    dtype = list(DTYPES.values())[i % 3]
-    kw = dict(loss_agg_mode=LOSS_AGG_MODES[(i // 3) % 4], temperature=(1.0, 0.7)[i % 2],
-              beta=(0.0, 0.1)[(i // 2) % 2], return_entropy=bool((i // 4) % 2 == 0),
-              inplace_backward=bool((i // 5) % 2))
-    case = case_for(shape, (127, 1031)[(i // 7) % 2], dtype, seed=i, backend=backend, ratio_spread=0.5)
+    i, dtype = seed, DTYPES[dtype]
+    kw = dict(loss_agg_mode=agg, temperature=temperature, beta=beta, return_entropy=return_entropy,
+              inplace_backward=inplace)
+    case = case_for(shape, V, dtype, seed=i, backend=backend, ratio_spread=0.5)
     out, grad = run(backend, case, mode=mode, upstream_seed=i, **kw)
     kw.pop("inplace_backward")
     want, want_grad = run("reference", double(case), mode=mode, upstream_seed=i, **kw)
-    check(out, grad, want, want_grad, dtype)
+    check_outputs(out, grad, want, want_grad, dtype)
     if not kw["return_entropy"]:
         assert out.entropy is None and "entropy_mean" not in out.metrics
 
@@ -110,17 +103,17 @@ def logprob_case(shape_name, seed, dtype=torch.float64):
     return logp.to(dtype), old, adv, mask, ref, cu
 
 
-FROM_GRID = list(itertools.product(MODES, ["B3T13", "packed37"], LOSS_AGG_MODES))
+FROM_GRID = [pytest.param(m, s, a, (0.0, 0.1)[i % 2], i, id=f"{m}-{s}-{a}-beta{(0.0, 0.1)[i % 2]}-seed{i}")
+             for i, (m, s, a) in enumerate(itertools.product(MODES, ["B3T13", "packed37"], LOSS_AGG_MODES))]
 
 
-@pytest.mark.parametrize("mode,shape,agg", FROM_GRID, ids=[f"{m}-{s}-{a}" for m, s, a in FROM_GRID])
-def test_from_logprobs_vs_reference(mode, shape, agg):
+@pytest.mark.parametrize("mode,shape,agg,beta,seed", FROM_GRID)
+def test_from_logprobs_vs_reference(mode, shape, agg, beta, seed):
     """policy_loss_from_logprobs (analytic dL/dlogp) against autograd through the reference formulas."""
     cfg, level = MODES[mode]
-    i = FROM_GRID.index((mode, shape, agg))
-    logp, old, adv, mask, ref, cu = logprob_case(shape, seed=i)
+    logp, old, adv, mask, ref, cu = logprob_case(shape, seed=seed)
     kw = dict(ratio_control=cfg, importance_sampling_level=level, cu_seqlens=cu, loss_agg_mode=agg,
-              ref_logprobs=ref, beta=(0.0, 0.1)[i % 2])
+              ref_logprobs=ref, beta=beta)
     results = []
     for fn in (mk.policy_loss_from_logprobs, R.policy_loss_from_logprobs):
         x = logp.clone().requires_grad_()
@@ -128,8 +121,7 @@ def test_from_logprobs_vs_reference(mode, shape, agg):
         out.loss.backward()
         results.append((out, x.grad))
     (out, grad), (want, want_grad) = results
-    # the reference's SAPO tau is a float32 tensor (torch.where of Python floats): 4/tau is fp32 math
-    tol = (1e-6, 1e-6) if isinstance(cfg, mk.SAPOConfig) else TOL[torch.float64]
+    tol = TOL[torch.float64]
     assert_close(out.loss, want.loss, *tol, "loss")
     assert_close(grad, want_grad, *tol, "grad")
     assert torch.equal(grad[mask == 0], torch.zeros_like(grad[mask == 0]))
@@ -178,20 +170,22 @@ def padded_and_packed(V, seed, backend):
     adv = torch.randn(B, generator=g)[:, None].expand(B, T).clone()
     old[~valid], adv[~valid] = float("inf"), float("nan")  # garbage in the padding
     cu = torch.tensor([0] + list(itertools.accumulate(LENGTHS)), dtype=torch.int64)
-    pack = lambda t: t[valid]  # noqa: E731
-    dev = lambda ts: tuple(t.to(device_for(backend)) for t in ts)  # noqa: E731
+    pack = lambda t: t[valid]
+    dev = lambda ts: tuple(t.to(device_for(backend)) for t in ts)
     padded = dev((logits, ids, old, adv, mask, ref))
     packed = dev((pack(logits), pack(ids), pack(old), pack(adv), pack(mask), pack(ref), cu))
     return padded, packed, valid.to(device_for(backend))
 
 
-PACK_GRID = list(itertools.product(["mhpo", "dapo_dual_delta", "gspo_wide", "mhpo_seq"], LOSS_AGG_MODES))
+PACK_GRID = [pytest.param(m, a, i, id=f"{m}-{a}-seed{i}")
+             for i, (m, a) in enumerate(itertools.product(["mhpo", "dapo_dual_delta", "gspo_wide", "mhpo_seq"],
+                                                          LOSS_AGG_MODES))]
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
-@pytest.mark.parametrize("mode,agg", PACK_GRID, ids=[f"{m}-{a}" for m, a in PACK_GRID])
-def test_packed_equals_padded(backend, mode, agg):
-    padded, packed, valid = padded_and_packed(V=67, seed=PACK_GRID.index((mode, agg)), backend=backend)
+@pytest.mark.parametrize("mode,agg,seed", PACK_GRID)
+def test_packed_equals_padded(backend, mode, agg, seed):
+    padded, packed, valid = padded_and_packed(V=67, seed=seed, backend=backend)
     cfg, level = MODES[mode]
     g = torch.Generator().manual_seed(1)
     ent_w = torch.randn(valid.shape, generator=g).to(valid.device) * valid  # the same upstream entropy gradient
@@ -285,6 +279,16 @@ def test_token_logprobs(backend, dtype, V, shape, return_entropy):
     assert z.grad.dtype == dtype
     assert_close(z.grad, z64.grad, *TOL[dtype], "grad")
     assert torch.equal(z.grad[~valid], torch.zeros_like(z.grad[~valid]))
+
+
+@pytest.mark.parametrize("backend", FUSED + ["torch"])
+def test_token_logprobs_sum_backward(backend):
+    """logp.sum().backward() hands the backward an expanded (stride-0) gradient: one-hot minus softmax."""
+    logits, ids, *_ = make_case((2, 5), 11, torch.float32, backend=backend, seed=3, ref=False, ignore_frac=0.0)
+    z = logits.clone().requires_grad_()
+    mk.token_logprobs(z, ids, backend=backend).sum().backward()
+    want = F.one_hot(ids, 11).double() - torch.softmax(logits.double(), -1)
+    assert_close(z.grad, want, *TOL[torch.float32], "grad")
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -514,11 +518,6 @@ def test_parity_with_verl_dual_clip(path):
     assert_close(out.metrics["dual_clipfrac"], lower, 1e-6, 1e-6, "dual_clipfrac")
 
 
-def test_trl_package_if_installed():
-    trl = pytest.importorskip("trl", reason="optional peer check; trl is not a dependency")
-    assert trl.__version__  # the transcribed formulas above are what test_parity_with_trl checks
-
-
 # ---------------------------------------------------------------------------- metrics
 
 def test_metrics_per_mode():
@@ -546,6 +545,67 @@ def test_metrics_per_mode():
     active_clip = ((s_tok < 1 - 3e-4) & (a < 0)) | ((s_tok > 1 + 4e-4) & (a > 0))
     assert seq["clipfrac"].item() == pytest.approx(active_clip.double().mean().item())
     assert set(seq) == {"kl_old", "ratio_max", "ratio_min", "clipfrac_low", "clipfrac_high", "clipfrac"}
+
+
+def metrics_by_formula(cfg, level, logp, old, adv, active, entropy=None, ref=None):
+    """Every metric a call reports, written out in float64 from docs/mhpo.md and the docstring of
+    reference.policy_metrics (TRL's clip_ratio, verl's pg_clipfrac_lower), independent of the package."""
+    logp, old, adv, m = logp.double().cpu(), old.double().cpu(), adv.double().cpu(), active.cpu()
+    delta = torch.where(m, logp - old, 0.0)
+    if level == "sequence":  # each token carries its sequence's mean log-ratio
+        delta = torch.where(m, (delta.sum(-1) / m.sum(-1).clamp(min=1))[:, None], 0.0)
+    mean = lambda x: x[m].double().mean() if m.any() else torch.zeros((), dtype=torch.float64)
+    d = delta[m]
+    want = {"kl_old": mean(-delta), "ratio_max": d.max().exp(), "ratio_min": d.min().exp()}
+    if isinstance(cfg, mk.MHPOConfig):
+        psi = cfg.c * torch.tanh(delta / cfg.c) if cfg.use_lfm else delta
+        zeta = ((F.softplus(psi) / cfg.lam_pos) ** cfg.k_pos + (F.softplus(-psi) / cfg.lam_neg) ** cfg.k_neg
+                if cfg.use_dhp else torch.zeros_like(psi))
+        want.update(psi_mean=mean(psi), zeta_mean=mean(zeta), survival_mean=mean(torch.exp(-zeta)),
+                    low_survival_frac=mean(torch.exp(-zeta) < 0.5))
+    elif isinstance(cfg, (mk.ClipConfig, mk.GSPOConfig)):
+        r = delta.exp()
+        low, high = (r < 1 - cfg.eps_low) & (adv < 0), (r > 1 + cfg.eps_high) & (adv > 0)
+        want.update(clipfrac_low=mean(low), clipfrac_high=mean(high), clipfrac=mean(low | high))
+        if isinstance(cfg, mk.ClipConfig) and cfg.dual_clip_c is not None:
+            r1 = r if cfg.delta is None else r.clamp(max=cfg.delta)
+            ppo = -torch.minimum(r1 * adv, r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
+            want["dual_clipfrac"] = mean((adv < 0) & (ppo > -cfg.dual_clip_c * adv))
+    if entropy is not None:
+        want["entropy_mean"] = mean(entropy.double().cpu())
+    if ref is not None:
+        k = ref.double().cpu() - logp
+        want["kl_ref"] = mean(torch.expm1(k) - k)
+    return want
+
+
+@pytest.mark.parametrize("path", FUSED + ["torch", "reference", FROM_LOGPROBS])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_metrics_by_formula(path, mode):
+    """Every metric of every mode against its formula in float64, on every path."""
+    cfg, level = MODES[mode]
+    level = level or "sequence"
+    logits, ids, old, adv, mask, ref, _ = case_for("B3T13", 31, torch.float32, seed=12, backend=path,
+                                                   ratio_spread=1.5)  # wide ratios: clip edges and the dual clip hit
+    active = (mask != 0) & (ids != -100)
+    lsm = torch.log_softmax(logits.double(), -1)
+    logp = torch.where(active, lsm.gather(-1, ids.clamp(min=0)[..., None])[..., 0], float("-inf"))
+    kw = dict(ratio_control=cfg, importance_sampling_level=level, ref_logprobs=ref, beta=0.1)
+    if path == FROM_LOGPROBS:
+        out = mk.policy_loss_from_logprobs(logp, old, adv, active.double(), **kw)
+        entropy = None
+    else:
+        out = mk.policy_loss(logits, ids, old, adv, mask, return_entropy=True, backend=path, **kw)
+        entropy = -(lsm.exp() * lsm).sum(-1)
+    want = metrics_by_formula(cfg, level, logp, old, adv, active, entropy, ref)
+    assert out.metrics.keys() == want.keys()
+    if level == "token":  # (3 sequences: their 2 active ratios may all sit inside the clip range)
+        assert all(want[k] > 0 for k in ("clipfrac", "dual_clipfrac") if k in want), "the case must hit the clips"
+    dtype = torch.float64 if path == FROM_LOGPROBS else torch.float32  # from float64 log-probs: float64
+    for k in want:
+        assert out.metrics[k].dtype == dtype, k
+        assert_close(out.metrics[k], want[k], *TOL["metric" if dtype == torch.float32 else dtype], f"metric {k}",
+                     floor=1e-2)
 
 
 @pytest.mark.parametrize("backend", FUSED + ["torch"])
@@ -707,7 +767,8 @@ def test_compile_fullgraph_sequence_level_packed(backend, no_poison):
 
     def f(z):
         out = mk.policy_loss(z, ids, old, adv, mask, ratio_control=mk.MHPOConfig(),
-                             importance_sampling_level="sequence", cu_seqlens=cu_, ref_logprobs=ref, beta=0.05, return_entropy=True, backend=backend,
+                             importance_sampling_level="sequence", cu_seqlens=cu_, ref_logprobs=ref, beta=0.05,
+                             return_entropy=True, backend=backend,
                              loss_agg_mode="seq-mean-token-sum-norm")
         return out.loss + 0.01 * out.entropy.sum(), out.metrics["survival_mean"]
 

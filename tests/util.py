@@ -1,4 +1,5 @@
-"""Random test cases shared by the backend tests, and the device each backend is tested on.
+"""The tests' shared helpers: random cases, the device each backend is tested on, the one
+tolerance table and the comparisons (conftest.py keeps only fixtures and hooks).
 
 Every test that runs a backend builds its tensors on ``device_for(backend)``
 (the case builders take the backend). ``MHPO_TEST_DEVICE_AUDIT=1`` simulates a
@@ -81,5 +82,73 @@ def make_case(shape, V, dtype, *, backend=None, device=None, seed=0, mask_frac=0
     if ref:
         refl = (logp + 0.2 * torch.randn(shape, generator=g, dtype=torch.float64)).float()
         refl[mask == 0] = float("-inf")
-    to = lambda t: None if t is None else t.to(device)  # noqa: E731
+    to = lambda t: None if t is None else t.to(device)
     return to(logits), to(ids), to(old), to(adv), to(mask), to(refl)
+
+
+# ---------------------------------------------------------------------------- tolerances
+
+# The one tolerance table: (atol relative to max|expected|, rtol). A dtype row is for the
+# gradient, which is stored in the logits dtype; per-token outputs and the loss are computed
+# in fp32 whatever the input dtype and use the "scalar" row; the fp32 metrics against the
+# float64 reference use the "metric" row (with floor=1e-2: a metric near 0 is compared
+# absolutely).
+TOL = {
+    torch.float32: (2e-6, 2e-5),
+    torch.bfloat16: (2e-3, 1.6e-2),
+    torch.float16: (2e-4, 2e-3),
+    torch.float64: (1e-12, 1e-10),
+    "scalar": (2e-5, 2e-5),
+    "metric": (1e-4, 1e-4),
+}
+SCALAR_TOL = TOL["scalar"]
+
+
+def assert_close(actual, expected, atol_rel, rtol, what="", floor=1e-30):
+    """|actual - expected| <= atol_rel * max(max|expected|, floor) + rtol * |expected|, in float64."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = expected.abs().max().item() if expected.numel() else 0.0
+    err = (actual - expected).abs()
+    bound = atol_rel * max(scale, floor) + rtol * expected.abs()
+    worst = (err - bound).max().item() if err.numel() else -1
+    assert worst <= 0, f"{what}: max err {err.max().item():.3e} (scale {scale:.3e}) exceeds tolerance"
+
+
+def check_outputs(out, grad, want, want_grad, dtype):
+    """A fused call's outputs and logits gradient against the float64 reference's: the loss,
+    log-probs and entropy (fp32 whatever the input dtype), the gradient in ``dtype``, every metric."""
+    assert out.loss.dtype == torch.float32 and grad.dtype == dtype
+    assert_close(out.loss, want.loss, *SCALAR_TOL, "loss")
+    assert_close(out.logprobs, want.logprobs, *SCALAR_TOL, "logprobs")
+    assert (out.entropy is None) == (want.entropy is None)
+    if want.entropy is not None:
+        assert_close(out.entropy, want.entropy, *SCALAR_TOL, "entropy")
+    assert_close(grad, want_grad, *TOL[dtype], "grad")
+    assert out.metrics.keys() == want.metrics.keys()
+    for k in want.metrics:
+        assert_close(out.metrics[k], want.metrics[k], *TOL["metric"], f"metric {k}", floor=1e-2)
+
+
+def backward_random(out, seed):
+    """Backpropagate loss * u + sum(entropy * g) with random u and g (not just .sum())."""
+    g = torch.Generator().manual_seed(seed)
+    total = out.loss * (1 + torch.rand((), generator=g)).to(out.loss)
+    if out.entropy is not None:
+        total = total + (out.entropy * torch.randn(out.entropy.shape, generator=g).to(out.entropy)).sum()
+    total.backward()
+
+
+def assert_compiled_matches_eager(f, logits):
+    """f(z) -> (loss, metric): torch.compile(f, fullgraph=True) gives eager's loss, metric and gradient."""
+    results = []
+    for fn in (f, torch.compile(f, fullgraph=True)):
+        z = logits.clone().requires_grad_()
+        loss, metric = fn(z)
+        loss.backward()
+        results.append((loss.detach(), metric, z.grad))
+    (l0, s0, g0), (l1, s1, g1) = results
+    assert_close(l1, l0, *SCALAR_TOL, "loss")
+    assert_close(s1, s0, *SCALAR_TOL, "metric")
+    assert_close(g1, g0, *TOL[torch.float32], "grad")

@@ -83,7 +83,7 @@ class Task:
 
     def prompts(self, n, g):
         d = self.digits[torch.randint(0, 10, (n, self.L), generator=g).to(self.device)]
-        col = lambda t: torch.full((n, 1), t, device=self.device)  # noqa: E731
+        col = lambda t: torch.full((n, 1), t, device=self.device)
         return torch.cat([col(self.bos), d, col(self.sep)], 1), torch.cat([d.flip(1), col(self.eos)], 1)
 
     def reward(self, answers, solutions):
