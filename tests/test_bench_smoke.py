@@ -48,6 +48,25 @@ def test_bench_utils_quantiles_and_memory():
     assert {"device_name", "torch", "triton", "mhpo_kernels", "commit"} <= set(info)
 
 
+def test_peak_memory_sees_reused_heap_pages():
+    """A call whose allocation reuses free pages the C heap still holds (left by earlier work in the
+    process) must still be measured: glibc's malloc_trim hands them back first. Forced here by raising
+    the mmap threshold so large blocks come from the heap, in a process of its own."""
+    code = ("import ctypes, torch\n"
+            "from mhpo_kernels.tools import bench_utils as bu\n"
+            "if bu.cpu_peak_method() != 'vmhwm':\n    print(-1); raise SystemExit\n"
+            "ctypes.CDLL('libc.so.6').mallopt(-3, 1 << 30)  # M_MMAP_THRESHOLD\n"
+            "xs = [torch.ones(70 << 20, dtype=torch.uint8) for _ in range(2)]\n"
+            "del xs\n"
+            "print(bu.peak_extra_bytes(lambda: torch.ones(64 << 20, dtype=torch.uint8), 'cpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    peak = int(out.stdout.split()[-1])
+    if peak == -1:
+        pytest.skip("no resettable resident-set peak (/proc/self/clear_refs) here")
+    assert peak >= 0.9 * (64 << 20), peak
+
+
 def test_harness_tiny_shape(tmp_path):
     """bench_mhpo_loss through the shared harness: rows, CSV/JSON, summary, plots."""
     sys.path.insert(0, BENCH)

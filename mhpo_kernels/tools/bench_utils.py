@@ -83,6 +83,25 @@ def _proc_status_kb(key: str) -> Optional[int]:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand the C heap's free pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere), so that a
+    measured call's allocations fault in new pages instead of reusing resident free ones, which the
+    resident-set peak would not see."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
+
+
 def _reset_hwm() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -116,6 +135,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         elif self.method == "vmhwm":
+            _release_free_heap()
             _reset_hwm()
             self.base = _proc_status_kb("VmRSS") * 1024
         else:
