@@ -130,6 +130,7 @@ def no_poison():
     torch.use_deterministic_algorithms(False)  # compile and opcheck run with torch's defaults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED + ["auto"])
 def test_compile_fullgraph_matches_eager(backend, no_poison):
     torch._dynamo.reset()
@@ -162,6 +163,7 @@ def test_compile_first_call_in_a_fresh_process(name):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("leaf", [True, False], ids=["leaf", "activation"])
 def test_compile_inplace_backward_falls_back(backend, leaf, no_poison):

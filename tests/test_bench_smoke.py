@@ -67,6 +67,7 @@ def test_peak_memory_sees_reused_heap_pages():
     assert peak >= 0.9 * (64 << 20), peak
 
 
+@pytest.mark.slow
 def test_harness_tiny_shape(tmp_path):
     """bench_mhpo_loss through the shared harness: rows, CSV/JSON, summary, plots."""
     sys.path.insert(0, BENCH)

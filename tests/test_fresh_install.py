@@ -48,6 +48,7 @@ def test_pyproject_does_not_fetch_torch_for_the_build():
     assert "torch" not in requires, requires
 
 
+@pytest.mark.slow
 def test_build_uses_the_torch_pip_isolation_hides(tmp_path):
     """pip's build isolation removes the target environment's site-packages from sys.path;
     setup.py puts it back (after the build environment's packages) and says so."""
@@ -81,6 +82,7 @@ def test_build_with_too_old_torch_stops(tmp_path):
     assert "needs torch >= 2.11, this environment has 2.4.1+cu121" in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_cuda_skip_reason_and_metadata(tmp_path):
     """A CUDA_HOME that is no toolkit root: the build says why the CUDA extension is skipped.
     The same run writes the package metadata a wheel gets, and an sdist that can be built
@@ -114,6 +116,7 @@ def test_cuda_skip_reason_and_metadata(tmp_path):
     assert wanted <= names, sorted(wanted - names)
 
 
+@pytest.mark.slow
 def test_cuda_skip_reason_wrapper_nvcc(tmp_path):
     """nvcc on the PATH is a wrapper script outside any toolkit: torch guesses its grandparent
     folder as CUDA_HOME; the build names the wrapper and asks for CUDA_HOME."""
@@ -177,6 +180,7 @@ def test_triton_hint_interpret_not_set(fresh_backends):
     assert "setting it later gives '0 active drivers'" in msg
 
 
+@pytest.mark.slow
 def test_triton_interpret_set_after_import():
     """TRITON_INTERPRET=1 set after the kernels were imported: Triton built them for a GPU and a
     CPU launch fails with '0 active drivers'. The backend is unavailable on CPU and says why."""

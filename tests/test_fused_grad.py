@@ -432,6 +432,7 @@ def test_one_gradient_buffer(backend, inplace):
 # ---------------------------------------------------------------------------- torch.compile, bad input
 
 
+@pytest.mark.slow
 def test_compile_falls_back_cleanly():
     """torch.compile(fullgraph=True) traces the two-kernel op (entropy_coeff included): the eager fused
     call and the compiled one agree."""

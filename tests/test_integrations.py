@@ -16,6 +16,8 @@ import torch
 
 from mhpo_kernels import reference as ref
 
+pytestmark = pytest.mark.slow  # the peer packages' imports (verl: ~11 s): the quick loop leaves them out
+
 HAVE_VERL = importlib.util.find_spec("verl") is not None
 HAVE_TRL = importlib.util.find_spec("trl") is not None
 needs_verl = pytest.mark.skipif(not HAVE_VERL, reason="verl is not installed (bash .ci/peers.sh installs it)")

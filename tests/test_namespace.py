@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # fresh venvs and pip installs: the quick loop (-m 'not slow') leaves them out
 pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OURS = ("mhpo_kernels", "mhpo-kernels", "__editable__", "triton_kernels", "triton-kernels")

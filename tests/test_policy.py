@@ -760,6 +760,7 @@ def no_poison():
     torch.use_deterministic_algorithms(False)  # compile runs with torch's defaults
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", FUSED[:1])
 def test_compile_fullgraph_sequence_level_packed(backend, no_poison):
     torch._dynamo.reset()

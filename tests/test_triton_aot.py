@@ -9,6 +9,7 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_aot_compile_sm80_sm90():
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": ROOT}
     r = subprocess.run([sys.executable, "-m", "mhpo_kernels.triton_kernels.aot", "--arch", "80", "90", "--jobs", "2"],
@@ -37,6 +38,7 @@ SASS_BOUNDS = [("fwd", dict(MODE=1, HAS_REF=False, WANT_ENT=False), 8.25),
                ("bwd", dict(HAS_DENT=True, HAS_SCALE=True), 13.5)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel,flags,bound", SASS_BOUNDS, ids=lambda v: str(v) if not isinstance(v, dict) else "")
 def test_main_loop_sass_per_logit(kernel, flags, bound):
     """The loop over V compiled for sm_90: instructions per logit, one MUFU.EX2 per logit (the ftz exp2, no
