@@ -294,6 +294,18 @@ def loss_and_grads(trainer, compute_loss, inputs):
     return loss.detach(), [p.grad.clone() for p in trainer.model.parameters()]
 
 
+def assert_matches_grpo_trainer(trainer, inputs):
+    """The adapter's _compute_loss: loss and every parameter gradient == TRL's own GRPOTrainer._compute_loss."""
+    from trl import GRPOTrainer
+
+    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
+    want, want_grads = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
+    scale = max(g.abs().max().item() for g in want_grads)
+    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+
+
 TRL_CASES = {  # name -> MHPOGRPOConfig arguments (ratio_control="trl": TRL's own surrogate, by us)
     "grpo": dict(loss_type="grpo"),
     "bnpo_two_sided": dict(loss_type="bnpo", delta=1.5),
@@ -310,8 +322,6 @@ TRL_CASES = {  # name -> MHPOGRPOConfig arguments (ratio_control="trl": TRL's ow
 def test_trl_loss_equals_grpo_trainer(tiny_qwen, tmp_path, case):
     """ratio_control="trl": our loss and gradients == GRPOTrainer._compute_loss's on the same batch
     (gradient accumulation 2: TRL's scaling too)."""
-    from trl import GRPOTrainer
-
     args = dict(TRL_CASES[case])
     beta = args.pop("beta", 0.0)
     trainer = grpo_trainer(tiny_qwen, tmp_path, ratio_control="trl", **args)
@@ -319,12 +329,7 @@ def test_trl_loss_equals_grpo_trainer(tiny_qwen, tmp_path, case):
     trainer.current_gradient_accumulation_steps = 2
     trainer.model.train()
     inputs = trl_batch(trainer, seed=len(case))
-    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
-    want, want_grads = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
-    scale = max(g.abs().max().item() for g in want_grads)
-    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
-    for i, (g, w) in enumerate(zip(grads, want_grads)):
-        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+    assert_matches_grpo_trainer(trainer, inputs)
 
 
 @needs_trl
@@ -378,18 +383,11 @@ def test_trl_bad_input(tiny_qwen, tmp_path):
 @pytest.mark.slow
 def test_trl_full_vocab_step_equals_grpo_trainer(tiny_qwen, tmp_path):
     """The clip case at Qwen2's real vocabulary size (151936)."""
-    from trl import GRPOTrainer
-
     trainer = grpo_trainer(tiny_qwen, tmp_path, V=TRL_V, ratio_control="trl", loss_type="dapo", epsilon_high=0.28)
     trainer.current_gradient_accumulation_steps = 1
     trainer.model.train()
     inputs = trl_batch(trainer, seed=5, V=TRL_V)
-    loss, grads = loss_and_grads(trainer, trainer._compute_loss, inputs)
-    want, want_grads = loss_and_grads(trainer, lambda m, x: GRPOTrainer._compute_loss(trainer, m, x), inputs)
-    scale = max(g.abs().max().item() for g in want_grads)
-    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
-    for i, (g, w) in enumerate(zip(grads, want_grads)):
-        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+    assert_matches_grpo_trainer(trainer, inputs)
 
 
 @needs_trl
