@@ -165,6 +165,8 @@ def _triton_copies(sources):
                     if not m:
                         continue
                     ok_uses.add(id(arg))
+                    if pos < len(params) and params[pos] == arg.id:
+                        continue  # forwarded unchanged to a helper's own p<i> (whose calls are checked here too)
                     try:
                         slot = C.param_slot(params[pos])
                     except (KeyError, IndexError):

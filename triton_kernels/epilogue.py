@@ -7,7 +7,7 @@ C++ / CUDA twin is ``csrc/mhpo_epilogue.h``: the same formulas, except where not
 import triton
 import triton.language as tl
 
-from .constants import K3_SERIES_BELOW, TANH_SERIES_BELOW
+from .constants import K3_SERIES_BELOW, MODE_CLIP, MODE_MHPO, TANH_SERIES_BELOW
 
 
 @triton.jit
@@ -119,3 +119,34 @@ def k3(d):
     small = tl.abs(d) < K3_SERIES_BELOW
     em1 = tl.where(small, series + d, tl.exp(d) - 1.0)
     return tl.where(small, series, em1 - d), em1
+
+
+@triton.jit
+def scale_rn(z, inv_t):
+    # x = z * inv_t rounded once, where every backend subtracts it from lse (the CPU / CUDA
+    # kernels: scale_rn in csrc/mhpo_epilogue.h). An explicit fma with a zero addend: a plain
+    # multiply may be fused by ptxas into the subtraction that follows (z * inv_t - lse), which
+    # leaves the product's rounding error in log p where it must be exactly 0 (V = 1).
+    return tl.math.fma(z, inv_t, 0.0)
+
+
+@triton.jit
+def token_loss(MODE: tl.constexpr, HAS_REF: tl.constexpr, LIMIT: tl.constexpr, active, logp, old_ptr, adv_ptr,
+               ref_ptr, p0, p1, p2, p3, p4, p5, p6, beta):
+    # (loss, coef = d loss / d logp) of one token: the ratio control MODE (MHPO, clip, else SAPO) at
+    # delta = logp - old, plus beta * k3 KL to ref when HAS_REF; both 0 where not active (old / adv /
+    # ref are loaded there but never used: padding may hold inf / NaN). p0..p6: the kernel parameters.
+    delta = tl.where(active, logp - tl.load(old_ptr), 0.0)
+    adv = tl.where(active, tl.load(adv_ptr), 0.0)
+    if MODE == MODE_MHPO:
+        loss, coef = mhpo_token(delta, adv, p0, p1, p2, p3, p4, p5, p6)
+    elif MODE == MODE_CLIP:
+        loss, coef = clip_token(delta, adv, p0, p1, p2, p3, LIMIT)
+    else:
+        loss, coef = sapo_token(delta, adv, p0, p1, LIMIT)
+    if HAS_REF:
+        # k3 KL: exp(ref - logp) - (ref - logp) - 1; d k3 / d logp = -(exp(ref - logp) - 1)
+        kl, em1 = k3(tl.where(active, tl.load(ref_ptr) - logp, 0.0))
+        loss += beta * kl
+        coef -= beta * em1
+    return tl.where(active, loss, 0.0), tl.where(active, coef, 0.0)

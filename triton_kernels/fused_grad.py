@@ -12,17 +12,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .constants import CLIP_LOG_RATIO_LIMIT, MODE_CLIP, MODE_MHPO
-from .epilogue import clip_token, k3, mhpo_token, sapo_token
+from .constants import CLIP_LOG_RATIO_LIMIT
+from .epilogue import scale_rn, token_loss
 
 BLOCKS_V = (128, 256, 512, 1024, 2048, 4096)
 SCALE_BLOCK = 1024
-
-
-@triton.jit
-def _scale_rn(z, inv_t):
-    # z * inv_t rounded once (an fma with a 0 addend is never contracted into the "- lse" after it)
-    return tl.math.fma(z, inv_t, 0.0)
 
 
 @triton.jit
@@ -45,7 +39,7 @@ def _fwd_grad_kernel(
     t = tl.zeros((), tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
-        x = _scale_rn(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32), inv_t)
+        x = scale_rn(tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32), inv_t)
         m_new = tl.maximum(m, tl.max(x, 0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m - m_ref)
@@ -63,7 +57,7 @@ def _fwd_grad_kernel(
     y = tl.load(target_ptr + row)
     valid = y != ignore_index
     owned = valid & (y >= 0) & (y < V)
-    x_y = _scale_rn(tl.load(row_ptr + tl.where(owned, y, 0)).to(tl.float32), inv_t)  # before sweep 2 writes
+    x_y = scale_rn(tl.load(row_ptr + tl.where(owned, y, 0)).to(tl.float32), inv_t)  # before sweep 2 writes
     logp = tl.where(owned, (x_y - m_fin) - log_s, 0.0)
     tl.store(lse_ptr + row, lse)
     tl.store(logp_ptr + row, logp)
@@ -74,21 +68,8 @@ def _fwd_grad_kernel(
     # that may hold inf / NaN, are loaded but never used)
     w = tl.load(w_ptr + row)
     active = valid & (w != 0.0)
-    delta = tl.where(active, logp - tl.load(old_ptr + row), 0.0)
-    adv = tl.where(active, tl.load(adv_ptr + row), 0.0)
-    if MODE == MODE_MHPO:
-        loss, coef = mhpo_token(delta, adv, p0, p1, p2, p3, p4, p5, p6)
-    elif MODE == MODE_CLIP:
-        loss, coef = clip_token(delta, adv, p0, p1, p2, p3, LIMIT)
-    else:
-        loss, coef = sapo_token(delta, adv, p0, p1, LIMIT)
-    if HAS_REF:
-        d = tl.where(active, tl.load(ref_ptr + row) - logp, 0.0)
-        kl, em1 = k3(d)
-        loss += beta * kl
-        coef -= beta * em1
-    loss = tl.where(active, loss, 0.0)
-    coef = tl.where(active, coef, 0.0)
+    loss, coef = token_loss(MODE, HAS_REF, LIMIT, active, logp, old_ptr + row, adv_ptr + row, ref_ptr + row,
+                            p0, p1, p2, p3, p4, p5, p6, beta)
     tl.store(loss_ptr + row, loss)
     tl.store(coef_ptr + row, coef)
 
@@ -99,7 +80,7 @@ def _fwd_grad_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + cols0
         inb = cols < V
-        lp = _scale_rn(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
+        lp = scale_rn(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
         p = tl.exp(lp)
         grad = tl.where(cols == y, g, 0.0) - g * p
         if HAS_ENT:

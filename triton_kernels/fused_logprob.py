@@ -12,18 +12,8 @@ import triton.language as tl
 from triton.language.extra.cuda import libdevice
 from triton.runtime.interpreter import InterpretedFunction
 
-from .constants import CLIP_LOG_RATIO_LIMIT, MODE_CLIP, MODE_MHPO, MODE_NONE
-from .epilogue import clip_token, k3, mhpo_token, sapo_token
-
-
-@triton.jit
-def _scale(z, inv_t):
-    # x = z * inv_t rounded once, where every backend subtracts it from lse (the CPU / CUDA
-    # kernels: scale_rn in csrc/mhpo_epilogue.h). An
-    # explicit fma with a zero addend: a plain multiply may be fused by ptxas into the
-    # subtraction that follows (z * inv_t - lse), which leaves the product's rounding
-    # error in log p where it must be exactly 0 (V = 1).
-    return tl.math.fma(z, inv_t, 0.0)
+from .constants import CLIP_LOG_RATIO_LIMIT, MODE_NONE
+from .epilogue import scale_rn, token_loss
 
 
 @triton.jit
@@ -100,7 +90,7 @@ def _fwd_kernel(
     s_row = tl.sum(s * w, 0)
     log_s = tl.log(s_row)
     # the maximum scaled as every x below (and the backward) scales z: max(z) / T == max(z / T)
-    m_fin = _scale(m_ref, inv_t)
+    m_fin = scale_rn(m_ref, inv_t)
     lse = m_fin + log_s
 
     y = tl.load(target_ptr + row)
@@ -108,7 +98,7 @@ def _fwd_kernel(
     # a vocabulary shard holds ids [vocab_start, vocab_start + V); logp is the shard-local one
     y_loc = y - vocab_start
     owned = valid & (y_loc >= 0) & (y_loc < V)
-    x_y = _scale(tl.load(row_ptr + tl.where(owned, y_loc, 0)).to(tl.float32), inv_t)
+    x_y = scale_rn(tl.load(row_ptr + tl.where(owned, y_loc, 0)).to(tl.float32), inv_t)
     # (x - m) - log s, not x - (m + log s): exactly 0 when the row has one element
     logp = tl.where(owned, (x_y - m_fin) - log_s, 0.0)
     tl.store(lse_ptr + row, lse)
@@ -120,21 +110,10 @@ def _fwd_kernel(
 
     if MODE != MODE_NONE:
         active = valid & (tl.load(mask_ptr + row) != 0.0)
-        delta = tl.where(active, logp - tl.load(old_ptr + row), 0.0)
-        adv = tl.where(active, tl.load(adv_ptr + row), 0.0)
-        if MODE == MODE_MHPO:
-            loss, coef = mhpo_token(delta, adv, p0, p1, p2, p3, p4, p5, p6)
-        elif MODE == MODE_CLIP:
-            loss, coef = clip_token(delta, adv, p0, p1, p2, p3, LIMIT)
-        else:
-            loss, coef = sapo_token(delta, adv, p0, p1, LIMIT)
-        if HAS_REF:
-            # k3 KL: exp(ref - logp) - (ref - logp) - 1; d k3 / d logp = -(exp(ref - logp) - 1)
-            kl, em1 = k3(tl.where(active, tl.load(ref_ptr + row) - logp, 0.0))
-            loss += beta * kl
-            coef -= beta * em1
-        tl.store(loss_ptr + row, tl.where(active, loss, 0.0))
-        tl.store(coef_ptr + row, tl.where(active, coef, 0.0))
+        loss, coef = token_loss(MODE, HAS_REF, LIMIT, active, logp, old_ptr + row, adv_ptr + row, ref_ptr + row,
+                                p0, p1, p2, p3, p4, p5, p6, beta)
+        tl.store(loss_ptr + row, loss)
+        tl.store(coef_ptr + row, coef)
     else:  # log-probs only: loss and coef are 0 (written here, not by a separate fill launch)
         tl.store(loss_ptr + row, 0.0)
         tl.store(coef_ptr + row, 0.0)
@@ -170,7 +149,7 @@ def _bwd_kernel(
     for start in range(0, v_live, BLOCK_V):
         cols = start + cols0
         inb = cols < V
-        logp = _scale(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
+        logp = scale_rn(tl.load(row_ptr + cols, mask=inb, other=0.0).to(tl.float32), inv_t) - lse
         p = _exp2(logp * 1.4426950408889634)  # exactly 1 where logp is exactly 0 (V = 1)
         # d logp_y / dx = onehot - p ;  d H / dx = -p (log p + H)
         if HAS_DENT:
