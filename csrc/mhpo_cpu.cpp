@@ -103,50 +103,79 @@ void for_rows(int64_t N, int64_t V, const F& f) {
   }
 }
 
+// The forward of one row, shared by fwd and fwd_grad, so the fused-gradient forward's log-prob,
+// entropy, loss and coef are bit for bit the two-kernel forward's: the sweep (lse, entropy), the
+// target's log-prob, the per-token epilogue where the row is active (old / adv / ref read only there).
+struct FwdRows {
+  RowKernels rk;
+  int dt;
+  int64_t V, row_bytes, ignore_index, vocab_start;
+  int mode;
+  float T, beta, pr[KERNEL_PARAMS];
+  const char* base;
+  const int64_t* tgt;
+  const float *old_p, *adv_p, *ref_p;
+  float *logp, *lse, *loss, *coef, *ent;
+
+  FwdRows(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv,
+          const std::optional<Tensor>& ref, int64_t mode_, c10::ArrayRef<double> params, double beta_,
+          double temperature, int64_t ignore_index_, int64_t vocab_start_, FwdOut& out)
+      : rk(select_row_kernels()), dt(dtype_code(logits)), V(logits.size(1)),
+        row_bytes(logits.stride(0) * static_cast<int64_t>(logits.element_size())), ignore_index(ignore_index_),
+        vocab_start(vocab_start_), mode(static_cast<int>(mode_)), T(static_cast<float>(temperature)),
+        beta(static_cast<float>(beta_)), base(static_cast<const char*>(logits.const_data_ptr())),
+        tgt(target.const_data_ptr<int64_t>()), old_p(old.const_data_ptr<float>()),
+        adv_p(adv.const_data_ptr<float>()), ref_p(ref.has_value() ? ref->const_data_ptr<float>() : nullptr) {
+    params_to_float(params, pr);
+    auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
+    logp = logp_t.mutable_data_ptr<float>();
+    lse = lse_t.mutable_data_ptr<float>();
+    loss = loss_t.mutable_data_ptr<float>();
+    coef = coef_t.mutable_data_ptr<float>();
+    ent = ent_t.numel() > 0 ? ent_t.mutable_data_ptr<float>() : nullptr;
+  }
+
+  struct Row {
+    float lse, h;
+    bool valid;
+    TokenOut o;
+  };
+
+  // row n: writes logp / lse / entropy / loss / coef[n]; want_h: compute the entropy; act: the row's
+  // mask (fwd) or aggregation weight (fwd_grad), 0 = inactive
+  Row run(int64_t n, bool want_h, float act) const {
+    const char* row = base + n * row_bytes;
+    Row r{0.0f, 0.0f, false, TokenOut{0.0f, 0.0f}};
+    rk.fwd(row, V, dt, T, want_h, &r.lse, &r.h);
+    lse[n] = r.lse;
+    const int64_t y = tgt[n], yl = y - vocab_start;  // this buffer holds ids [vocab_start, vocab_start + V)
+    r.valid = y != ignore_index;
+    const bool owned = r.valid && yl >= 0 && yl < V;
+    // z * inv_t rounded alone, as in lse (scale_rn): exactly 0 for V = 1 whatever the compiler contracts
+    const float lp = owned ? scale_rn(load_scalar(row, yl, dt), 1.0f / T) - r.lse : 0.0f;
+    logp[n] = lp;
+    if (ent != nullptr) ent[n] = r.valid ? r.h : 0.0f;
+    if (r.valid && act != 0.0f) {  // old / adv / ref are read only on active rows
+      r.o = token_epilogue(mode, pr, lp, old_p[n], adv_p[n], ref_p != nullptr, ref_p != nullptr ? ref_p[n] : 0.0f,
+                           beta);
+    }
+    loss[n] = r.o.loss;
+    coef[n] = r.o.coef;
+    return r;
+  }
+};
+
 FwdOut fwd_cpu(const Tensor& logits, const Tensor& target, const Tensor& old, const Tensor& adv, const Tensor& mask,
                const std::optional<Tensor>& ref, int64_t mode, c10::ArrayRef<double> params, double beta,
                double temperature, int64_t ignore_index, bool want_entropy, int64_t vocab_start) {
   check_fwd(logits, target, old, adv, mask, ref, mode, params, temperature);
   auto out = alloc_fwd(logits, want_entropy);
-  auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return out;
-
-  const RowKernels rk = select_row_kernels();
-  const int dt = dtype_code(logits);
-  const int64_t row_bytes = logits.stride(0) * static_cast<int64_t>(logits.element_size());
-  const char* base = static_cast<const char*>(logits.const_data_ptr());
-  const int64_t* tgt = target.const_data_ptr<int64_t>();
-  const float *old_p = old.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
+  const FwdRows rows(logits, target, old, adv, ref, mode, params, beta, temperature, ignore_index, vocab_start, out);
   const float* mask_p = mask.const_data_ptr<float>();
-  const float* ref_p = ref.has_value() ? ref->const_data_ptr<float>() : nullptr;
-  float *logp = logp_t.mutable_data_ptr<float>(), *lse = lse_t.mutable_data_ptr<float>();
-  float *loss = loss_t.mutable_data_ptr<float>(), *coef = coef_t.mutable_data_ptr<float>();
-  float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
-  float pr[KERNEL_PARAMS];
-  params_to_float(params, pr);
-  const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
-
   for_rows(N, V, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const char* row = base + n * row_bytes;
-      float l = 0.0f, h = 0.0f;
-      rk.fwd(row, V, dt, T, want_entropy, &l, &h);
-      lse[n] = l;
-      const int64_t y = tgt[n], yl = y - vocab_start;  // this buffer holds ids [vocab_start, vocab_start + V)
-      const bool valid = y != ignore_index, owned = valid && yl >= 0 && yl < V;
-      // z * inv_t rounded alone, as in lse (scale_rn): exactly 0 for V = 1 whatever the compiler contracts
-      const float lp = owned ? scale_rn(load_scalar(row, yl, dt), 1.0f / T) - l : 0.0f;
-      logp[n] = lp;
-      if (ent != nullptr) ent[n] = valid ? h : 0.0f;
-      TokenOut o{0.0f, 0.0f};
-      if (valid && mask_p[n] != 0.0f) {  // old / adv / ref are read only on active rows
-        o = token_epilogue(static_cast<int>(mode), pr, lp, old_p[n], adv_p[n], ref_p != nullptr,
-                           ref_p != nullptr ? ref_p[n] : 0.0f, b);
-      }
-      loss[n] = o.loss;
-      coef[n] = o.coef;
-    }
+    for (int64_t n = begin; n < end; ++n) rows.run(n, want_entropy, mask_p[n]);
   });
   return out;
 }
@@ -217,51 +246,22 @@ FwdOut fwd_grad_cpu(const Tensor& logits, const Tensor& target, const Tensor& ol
                     const Tensor& grad) {
   check_fwd_grad(logits, target, old, adv, ref, weight, mode, params, temperature, grad);
   auto out = alloc_fwd(logits, want_entropy);
-  auto& [logp_t, ent_t, lse_t, loss_t, coef_t] = out;
   const int64_t N = logits.size(0), V = logits.size(1);
   if (N == 0) return out;
-
-  const RowKernels rk = select_row_kernels();
-  const int dt = dtype_code(logits);
-  const int64_t esz = logits.element_size();
-  const int64_t in_row_bytes = logits.stride(0) * esz, out_row_bytes = grad.stride(0) * esz;
-  const char* base = static_cast<const char*>(logits.const_data_ptr());
+  const FwdRows rows(logits, target, old, adv, ref, mode, params, beta, temperature, ignore_index, 0, out);
+  const int64_t in_row_bytes = rows.row_bytes, out_row_bytes = grad.stride(0) * logits.element_size();
   char* gbase = static_cast<char*>(grad.data_ptr());
-  const int64_t* tgt = target.const_data_ptr<int64_t>();
-  const float *old_p = old.const_data_ptr<float>(), *adv_p = adv.const_data_ptr<float>();
   const float* w_p = weight.const_data_ptr<float>();
-  const float* ref_p = ref.has_value() ? ref->const_data_ptr<float>() : nullptr;
-  float *logp = logp_t.mutable_data_ptr<float>(), *lse = lse_t.mutable_data_ptr<float>();
-  float *loss = loss_t.mutable_data_ptr<float>(), *coef = coef_t.mutable_data_ptr<float>();
-  float* ent = want_entropy ? ent_t.mutable_data_ptr<float>() : nullptr;
-  float pr[KERNEL_PARAMS];
-  params_to_float(params, pr);
-  const float T = static_cast<float>(temperature), b = static_cast<float>(beta);
-  const float inv_t = 1.0f / T, ec = static_cast<float>(ent_coef);
+  const float inv_t = 1.0f / rows.T, ec = static_cast<float>(ent_coef);
   const bool has_ent = ent_coef != 0.0, need_h = want_entropy || has_ent;
 
   for_rows(N, V, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const char* row = base + n * in_row_bytes;
-      float l = 0.0f, h = 0.0f;
-      rk.fwd(row, V, dt, T, need_h, &l, &h);
-      lse[n] = l;
-      const int64_t y = tgt[n];
-      const bool valid = y != ignore_index, owned = valid && y >= 0 && y < V;
-      const float lp = owned ? scale_rn(load_scalar(row, y, dt), 1.0f / T) - l : 0.0f;  // as fwd_cpu
-      logp[n] = lp;
-      if (ent != nullptr) ent[n] = valid ? h : 0.0f;
       const float w = w_p[n];
-      TokenOut o{0.0f, 0.0f};
-      if (valid && w != 0.0f) {  // old / adv / ref are read only on active rows
-        o = token_epilogue(static_cast<int>(mode), pr, lp, old_p[n], adv_p[n], ref_p != nullptr,
-                           ref_p != nullptr ? ref_p[n] : 0.0f, b);
-      }
-      loss[n] = o.loss;
-      coef[n] = o.coef;
+      const FwdRows::Row r = rows.run(n, need_h, w);
       // d loss / d logp = w * coef (what finish returns as dlogp), d loss / d H = -ent_coef * w
-      bwd_one_row(rk, row, gbase + n * out_row_bytes, V, dt, y, ignore_index, 0, inv_t, l, w * o.coef, has_ent,
-                  valid ? h : 0.0f, -ec * w);
+      bwd_one_row(rows.rk, rows.base + n * in_row_bytes, gbase + n * out_row_bytes, V, rows.dt, rows.tgt[n],
+                  ignore_index, 0, inv_t, r.lse, w * r.o.coef, has_ent, r.valid ? r.h : 0.0f, -ec * w);
     }
   });
   return out;
