@@ -17,12 +17,22 @@ enum Mode : int {
   MODE_CLIP = 2,
   MODE_SAPO = 3,
   MODE_GSPO = 4,
+  MODE_CISPO = 5,
 };
 constexpr int KERNEL_PARAMS = 8;
 constexpr float CLIP_LOG_RATIO_LIMIT = 0x1.4p+4f /* 20.0 */;
 constexpr float GSPO_LOG_RATIO_LIMIT = 0x1.4p+3f /* 10.0 */;
 constexpr float K3_SERIES_BELOW = 0x1p-1f /* 0.5 */;
 constexpr float TANH_SERIES_BELOW = 0x1.0624dep-10f /* 0.001 */;
+constexpr float LOW_VAR_KL_D_LIMIT = 0x1.4p+4f /* 20.0 */;
+constexpr float LOW_VAR_KL_LIMIT = 0x1.4p+3f /* 10.0 */;
+// KL estimators (kl_est of the finishing kernel), at d = ref - logp
+enum KlEstimator : int {
+  KL_K3 = 0,
+  KL_K1 = 1,
+  KL_K2 = 2,
+  KL_LOW_VAR_KL = 3,
+};
 // logits dtype codes
 enum DType : int {
   DTYPE_FLOAT32 = 0,
@@ -63,6 +73,13 @@ enum Metric : int {
   MET_KL_REF = 12,
 };
 constexpr int NUM_METRICS = 13;
+// rows of the finishing kernel's optional token_out[NUM_TOKEN_OUT, N]
+enum TokenOutRow : int {
+  TOK_LOSS = 0,
+  TOK_KL = 1,
+  TOK_FLAG = 2,
+};
+constexpr int NUM_TOKEN_OUT = 3;
 
 // The params[KERNEL_PARAMS] of each mode, named (a config's kernel_params()).
 struct MhpoParams {  // MODE_MHPO
@@ -80,6 +97,10 @@ struct SapoParams {  // MODE_SAPO
 struct GspoParams {  // MODE_GSPO
   float eps_low, eps_high;
   MHPO_HD static GspoParams load(const float* p) { return {p[0], p[1]}; }
+};
+struct CispoParams {  // MODE_CISPO
+  float ratio_low, ratio_high;
+  MHPO_HD static CispoParams load(const float* p) { return {p[0], p[1]}; }
 };
 
 }  // namespace mhpo

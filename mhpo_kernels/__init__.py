@@ -9,10 +9,10 @@ from . import reference
 from ._inputs import MHPOOutput
 from .api import mhpo_loss, policy_loss, policy_loss_from_logprobs, token_logprobs
 from .backends import available_backends
-from .config import ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
+from .config import CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
 from .fused_linear import MHPOLinearLoss, fused_linear_mhpo_loss
 
 __version__ = "0.1.0"
-__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "MHPOOutput", "mhpo_loss", "policy_loss",
-           "policy_loss_from_logprobs", "token_logprobs", "fused_linear_mhpo_loss", "MHPOLinearLoss",
+__all__ = ["MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "CISPOConfig", "MHPOOutput", "mhpo_loss",
+           "policy_loss", "policy_loss_from_logprobs", "token_logprobs", "fused_linear_mhpo_loss", "MHPOLinearLoss",
            "available_backends", "reference"]

@@ -23,7 +23,10 @@ MODE_MHPO = 1
 MODE_CLIP = 2
 MODE_SAPO = 3
 MODE_GSPO = 4
-MODES = {"NONE": MODE_NONE, "MHPO": MODE_MHPO, "CLIP": MODE_CLIP, "SAPO": MODE_SAPO, "GSPO": MODE_GSPO}
+# CISPO (finish only): loss = -sg(clip(r, ratio_low, ratio_high)) * A * logp; the pass over the logits runs MODE_NONE.
+MODE_CISPO = 5
+MODES = {"NONE": MODE_NONE, "MHPO": MODE_MHPO, "CLIP": MODE_CLIP, "SAPO": MODE_SAPO, "GSPO": MODE_GSPO,
+         "CISPO": MODE_CISPO}
 
 # kernel_params(): KERNEL_PARAMS floats, the slots of each mode named here in order (the rest 0).
 # GSPO's layout is a prefix of the clip's: the kernels run the clip code on it (dual clip and cap off).
@@ -33,6 +36,7 @@ PARAM_LAYOUT = {
     MODE_CLIP: ("eps_low", "eps_high", "dual_clip_c", "ratio_cap"),  # 0: no dual clip / no cap
     MODE_SAPO: ("tau_pos", "tau_neg"),
     MODE_GSPO: ("eps_low", "eps_high"),
+    MODE_CISPO: ("ratio_low", "ratio_high"),  # the clamp of r itself: [1 - eps_low or 0, 1 + eps_high]
 }
 
 # exp(20) ~ 4.85e8: the log-ratio clamp verl applies in its clip loss (SAPO caps r at exp(20) too).
@@ -43,6 +47,18 @@ GSPO_LOG_RATIO_LIMIT = 10.0
 # e^d - 1 = k3 + d), tanh(u) = u (1 - u^2 / 3) in the LFM.
 K3_SERIES_BELOW = 0.5
 TANH_SERIES_BELOW = 1e-3
+
+# KL estimators of the beta term and the kl_ref metric, at d = ref - logp (verl's kl_penalty names):
+# k3 = e^d - d - 1; k1 = logp - ref = -d; k2 = d^2 / 2; low_var_kl = k3 with d clamped to
+# [-LOW_VAR_KL_D_LIMIT, LOW_VAR_KL_D_LIMIT] and the value to [-LOW_VAR_KL_LIMIT, LOW_VAR_KL_LIMIT].
+KL_ESTIMATORS = {"k3": 0, "k1": 1, "k2": 2, "low_var_kl": 3}
+LOW_VAR_KL_D_LIMIT = 20.0
+LOW_VAR_KL_LIMIT = 10.0
+
+# The finishing kernel's optional per-token output token_out[TOKEN_OUT, N] (reduce=False): row i holds TOKEN_OUT[i].
+# "loss": the token's term w_n * L_n of the loss (sum = the loss); "kl": the KL estimate; "flag": 1 where the
+# mode's fraction metric counts the token (clip / GSPO / CISPO: clipped; MHPO: survival < 0.5), else 0.
+TOKEN_OUT = ("loss", "kl", "flag")
 
 # Logits dtype codes of the native kernels.
 DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
@@ -87,11 +103,14 @@ def named() -> dict:
     out.update(KERNEL_PARAMS=KERNEL_PARAMS, CLIP_LOG_RATIO_LIMIT=CLIP_LOG_RATIO_LIMIT,
                GSPO_LOG_RATIO_LIMIT=GSPO_LOG_RATIO_LIMIT, K3_SERIES_BELOW=K3_SERIES_BELOW,
                TANH_SERIES_BELOW=TANH_SERIES_BELOW, NUM_METRICS=NUM_METRICS, NUM_AGG=len(AGG_IDS),
-               NUM_AGG_NORM=len(AGG_NORM))
+               NUM_AGG_NORM=len(AGG_NORM), LOW_VAR_KL_D_LIMIT=LOW_VAR_KL_D_LIMIT,
+               LOW_VAR_KL_LIMIT=LOW_VAR_KL_LIMIT, NUM_TOKEN_OUT=len(TOKEN_OUT))
     out.update({f"DTYPE_{_ident(k)}": v for k, v in DTYPE_CODES.items()})
     out.update({f"AGG_{_ident(k)}": v for k, v in AGG_IDS.items()})
     out.update({f"BAD_{k}": v for k, v in BAD_KINDS.items()})
     out.update({f"MET_{_ident(k)}": i for i, k in enumerate(METRICS)})
+    out.update({f"KL_{_ident(k)}": v for k, v in KL_ESTIMATORS.items()})
+    out.update({f"TOK_{_ident(k)}": i for i, k in enumerate(TOKEN_OUT)})
     return out
 
 
@@ -138,6 +157,10 @@ def header() -> str:
         scalar("GSPO_LOG_RATIO_LIMIT", "float"),
         scalar("K3_SERIES_BELOW", "float"),
         scalar("TANH_SERIES_BELOW", "float"),
+        scalar("LOW_VAR_KL_D_LIMIT", "float"),
+        scalar("LOW_VAR_KL_LIMIT", "float"),
+        "// KL estimators (kl_est of the finishing kernel), at d = ref - logp",
+        *enum("KlEstimator", "KL_"),
         "// logits dtype codes",
         *enum("DType", "DTYPE_"),
         "// loss_agg_mode ids",
@@ -150,6 +173,9 @@ def header() -> str:
         "// metrics[] slots of the finishing kernel",
         *enum("Metric", "MET_"),
         scalar("NUM_METRICS"),
+        "// rows of the finishing kernel's optional token_out[NUM_TOKEN_OUT, N]",
+        *enum("TokenOutRow", "TOK_"),
+        scalar("NUM_TOKEN_OUT"),
         "",
         "// The params[KERNEL_PARAMS] of each mode, named (a config's kernel_params()).",
     ]

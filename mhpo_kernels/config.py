@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 # the epilogue ids, the parameter layout and the limits every backend shares (the limits: re-exported)
 from ._constants import (
-    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_CLIP, MODE_GSPO, MODE_MHPO, MODE_NONE, MODE_SAPO,  # noqa: F401
-    PARAM_LAYOUT,
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, KERNEL_PARAMS, MODE_CISPO, MODE_CLIP, MODE_GSPO, MODE_MHPO,  # noqa: F401
+    MODE_NONE, MODE_SAPO, PARAM_LAYOUT,
 )
 
 __all__ = [
-    "MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "RATIO_CONTROLS", "IS_LEVELS", "resolve_ratio_control",
+    "MHPOConfig", "ClipConfig", "SAPOConfig", "GSPOConfig", "CISPOConfig", "RATIO_CONTROLS", "IS_LEVELS",
+    "resolve_ratio_control",
     "KERNEL_PARAMS", "MODE_NONE", "MODE_MHPO", "MODE_CLIP", "MODE_SAPO",
 ]
 
@@ -168,7 +169,48 @@ class GSPOConfig:
         return _pack(MODE_GSPO, eps_low=self.eps_low, eps_high=self.eps_high)
 
 
-RATIO_CONTROLS = (MHPOConfig, ClipConfig, SAPOConfig, GSPOConfig)
+@dataclass(frozen=True)
+class CISPOConfig:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): clip the importance weight, not the update.
+
+    ``loss = -sg(clip(r, 1 - eps_low, 1 + eps_high)) * A * logp`` with
+    ``r = exp(clamp(delta, -20, 20))``: every token keeps its gradient
+    ``-clip(r) * A`` (verl's ``compute_policy_loss_cispo``). ``eps_low=None``
+    drops the lower bound (TRL's ``loss_type="cispo"``, which clamps at
+    ``max=1 + eps_high`` only; its ``epsilon_high`` is our ``1 + eps_high``,
+    ScaleRL recommends ``epsilon_high=5.0``, i.e. ``eps_high=4.0``). Defaults:
+    verl's ``clip_ratio=0.2`` on both sides. Token-level only. Metrics:
+    ``clipfrac_low`` (r below the lower bound), ``clipfrac_high`` (above the
+    upper), ``clipfrac`` (either: verl's ``pg_clipfrac``), whatever the sign of A.
+    """
+
+    eps_low: float | None = 0.2
+    eps_high: float = 0.2
+
+    def __post_init__(self):
+        _positive("eps_high", self.eps_high)
+        if self.eps_low is not None:
+            _positive("eps_low", self.eps_low)
+            if self.eps_low >= 1:
+                raise ValueError(f"eps_low must be < 1, got {self.eps_low}")
+
+    kernel_mode = MODE_CISPO
+
+    @property
+    def ratio_low(self) -> float:
+        return 0.0 if self.eps_low is None else 1.0 - self.eps_low
+
+    @property
+    def ratio_high(self) -> float:
+        return 1.0 + self.eps_high
+
+    def kernel_params(self) -> tuple:
+        """(ratio_low, ratio_high) = (1 - eps_low or 0, 1 + eps_high): ``PARAM_LAYOUT[MODE_CISPO]``,
+        read by the finishing kernels only (CISPO has no per-token epilogue in the pass over the logits)."""
+        return _pack(MODE_CISPO, ratio_low=self.ratio_low, ratio_high=self.ratio_high)
+
+
+RATIO_CONTROLS = (MHPOConfig, ClipConfig, SAPOConfig, GSPOConfig, CISPOConfig)
 
 
 def resolve_ratio_control(ratio_control, importance_sampling_level):
@@ -185,6 +227,8 @@ def resolve_ratio_control(ratio_control, importance_sampling_level):
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
     if isinstance(cfg, GSPOConfig) and level != "sequence":
         raise ValueError("GSPOConfig is sequence-level by definition; use ClipConfig for a token-level clip")
+    if isinstance(cfg, CISPOConfig) and level != "token":
+        raise ValueError("CISPOConfig is token-level only (as in verl and TRL)")
     return cfg, level
 
 
@@ -201,4 +245,7 @@ def from_kernel_params(mode: int, params) -> "MHPOConfig | ClipConfig | SAPOConf
     if mode == MODE_SAPO:
         q = _unpack(mode, params)
         return SAPOConfig(q["tau_pos"], q["tau_neg"])
+    if mode == MODE_CISPO:
+        q = _unpack(mode, params)
+        return CISPOConfig(None if q["ratio_low"] == 0 else 1.0 - q["ratio_low"], q["ratio_high"] - 1.0)
     raise ValueError(f"no token-level config for kernel mode {mode}")

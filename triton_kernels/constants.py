@@ -26,6 +26,7 @@ MODE_MHPO = _cx(_c.MODE_MHPO)
 MODE_CLIP = _cx(_c.MODE_CLIP)
 MODE_SAPO = _cx(_c.MODE_SAPO)
 MODE_GSPO = _cx(_c.MODE_GSPO)
+MODE_CISPO = _cx(_c.MODE_CISPO)
 
 K3_SERIES_BELOW = _cx(_c.K3_SERIES_BELOW)
 TANH_SERIES_BELOW = _cx(_c.TANH_SERIES_BELOW)
@@ -53,6 +54,17 @@ MET_CLIPFRAC = _cx(_c.METRICS.index("clipfrac"))
 MET_DUAL_CLIPFRAC = _cx(_c.METRICS.index("dual_clipfrac"))
 MET_ENTROPY_MEAN = _cx(_c.METRICS.index("entropy_mean"))
 MET_KL_REF = _cx(_c.METRICS.index("kl_ref"))
+
+KL_K3 = _cx(_c.KL_ESTIMATORS["k3"])
+KL_K1 = _cx(_c.KL_ESTIMATORS["k1"])
+KL_K2 = _cx(_c.KL_ESTIMATORS["k2"])
+KL_LOW_VAR_KL = _cx(_c.KL_ESTIMATORS["low_var_kl"])
+LOW_VAR_KL_D_LIMIT = _cx(_c.LOW_VAR_KL_D_LIMIT)
+LOW_VAR_KL_LIMIT = _cx(_c.LOW_VAR_KL_LIMIT)
+
+TOK_LOSS = _cx(_c.TOKEN_OUT.index("loss"))
+TOK_KL = _cx(_c.TOKEN_OUT.index("kl"))
+TOK_FLAG = _cx(_c.TOKEN_OUT.index("flag"))
 
 # Launch arguments (plain Python: the launchers pass them as constexpr kernel arguments)
 CLIP_LOG_RATIO_LIMIT = _c.CLIP_LOG_RATIO_LIMIT
