@@ -20,8 +20,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from ._constants import AGG_IDS, BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO  # noqa: F401
-from .config import ClipConfig, GSPOConfig, MHPOConfig
+from ._constants import AGG_IDS, BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO, TOKEN_OUT  # noqa: F401
+from .config import CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig
 
 
 def finish_mode(cfg) -> int:
@@ -33,7 +33,7 @@ def metric_names(cfg, has_entropy: bool, has_ref: bool) -> tuple:
     names = ["kl_old", "ratio_max", "ratio_min"]
     if isinstance(cfg, MHPOConfig):
         names += ["psi_mean", "zeta_mean", "survival_mean", "low_survival_frac"]
-    elif isinstance(cfg, (ClipConfig, GSPOConfig)):
+    elif isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
         names += ["clipfrac_low", "clipfrac_high", "clipfrac"]
         if isinstance(cfg, ClipConfig) and cfg.dual_clip_c is not None:
             names.append("dual_clipfrac")
@@ -47,6 +47,17 @@ def metric_names(cfg, has_entropy: bool, has_ref: bool) -> tuple:
 def metrics_dict(metrics: Tensor, names) -> dict:
     """0-d views into the one metrics tensor (no kernel per metric)."""
     return {k: metrics[METRICS.index(k)] for k in names}
+
+
+def token_metrics(cfg, tok, shape, has_ref: bool) -> dict:
+    """``reduce=False``'s per-token metrics from the finishing step's (kl, flag) rows, shape ``shape``."""
+    kl, flag = tok[TOKEN_OUT.index("kl") - 1], tok[TOKEN_OUT.index("flag") - 1]
+    out = {"token_kl": kl.reshape(shape)} if has_ref else {}
+    if isinstance(cfg, MHPOConfig):
+        out["token_low_survival"] = flag.reshape(shape)
+    elif isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
+        out["token_clipped"] = flag.reshape(shape)
+    return out
 
 
 def raise_bad_input(bad: Tensor, target: Tensor, cu_seqlens: Optional[Tensor], num_classes: int,

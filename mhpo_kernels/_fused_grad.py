@@ -32,10 +32,11 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._constants import KL_ESTIMATORS
 from ._finish import MODE_GSPO, raise_bad_input
-from ._ops import FwdArgs, _eager
+from ._ops import FwdArgs, _eager, finish_launch
 from ._ops import policy_forward as two_kernel_forward
-from .config import MODE_MHPO, MHPOConfig
+from .config import MODE_CISPO, MODE_MHPO, MHPOConfig
 from .sequences import NO_NORM, Sequences
 
 # fused_gradient=None (the default) turns the path on for these device types only: the CPU
@@ -48,33 +49,38 @@ _UNIT = MHPOConfig(use_lfm=False, use_dhp=False)
 _UNIT_PARAMS = [float(p) for p in _UNIT.kernel_params()]
 
 
-def weights(kb, a: FwdArgs, check: bool):
+def weights(kb, a: FwdArgs, check: bool, importance: bool = False):
     """``(w [N], bad)``: the aggregation weights of ``a`` (``loss = sum_n w_n L_n``; 0 on masked
     and ignored rows) and the finishing step's bad-input record (ids when ``check``, layout).
+    ``importance``: times ``a.iw`` (where given), ``w_n iw_n``, 0 on inactive rows whatever ``iw`` holds there.
 
     One ``finish`` launch of backend ``kb`` at log-ratio 0 and advantage -1 of :data:`_UNIT`:
-    its ``dlogp`` is ``w_n * 1``, the very weights (same bits) its later finish launch uses.
-    Under a tracer (torch.compile) the torch twin :class:`mhpo_kernels.sequences.Sequences`.
+    its ``dlogp`` is ``w_n * 1`` (``w_n * iw_n * 1``), the very weights (same bits) its later finish
+    launch uses. Under a tracer (torch.compile) the torch twin :class:`mhpo_kernels.sequences.Sequences`.
     """
+    iw = a.iw if importance else None
     N, V = a.logits.shape
     dtype = a.old.dtype
     if not _eager(a.logits):
         m = torch.ones(N, dtype=dtype, device=a.target.device) if a.mask is None else a.mask.to(dtype)
         m = torch.where(a.target == a.ignore_index, torch.zeros_like(m), m)
         w = Sequences(a.num_seqs, a.seq_len, a.cu_seqlens, N, m.device).weights(m, a.agg, a.agg_norm or NO_NORM)
-        return w, None
+        return (w if iw is None else torch.where(w != 0, w * iw, torch.zeros_like(w))), None
     unit = torch.full((N,), -1.0, dtype=dtype, device=a.target.device)
     _, w, _, bad = kb.finish(unit, None, unit, unit, a.mask, None, a.target, a.cu_seqlens, a.num_seqs, a.seq_len,
-                             MODE_MHPO, _UNIT_PARAMS, 0.0, False, a.agg, a.ignore_index, V, check, a.agg_norm)
+                             MODE_MHPO, _UNIT_PARAMS, 0.0, False, a.agg, a.ignore_index, V, check, a.agg_norm, iw=iw)
     return w, bad
 
 
 def entropy_bonus(loss, entropy, w, entropy_coeff: float):
-    """``loss - entropy_coeff * sum(w * entropy)`` (differentiable through ``entropy``)."""
+    """``loss - entropy_coeff * sum(w * entropy)`` (differentiable through ``entropy``); a per-token
+    ``loss`` (``reduce=False``) gets ``- entropy_coeff * w * entropy`` per token."""
+    if loss.dim():
+        return torch.addcmul(loss, w.to(entropy.dtype), entropy, value=-entropy_coeff)
     return torch.add(loss, torch.dot(w.to(entropy.dtype), entropy), alpha=-entropy_coeff)
 
 
-def why_not(a: FwdArgs, fused_gradient, returns_entropy: bool = False) -> str:
+def why_not(a: FwdArgs, fused_gradient, returns_entropy: bool = False, entropy_coeff: float = 0.0) -> str:
     """Why the forward of ``a`` does not write the gradient ("" when it does). ``returns_entropy``:
     the caller hands the entropy out (it may receive a gradient of its own).
 
@@ -90,6 +96,16 @@ def why_not(a: FwdArgs, fused_gradient, returns_entropy: bool = False) -> str:
     if a.old is None or a.seq_level or a.mode == MODE_GSPO:
         return ("sequence-level ratio (GSPO, importance_sampling_level='sequence'): each token's d loss / d logp "
                 "depends on its whole sequence's log-probs, known only after the pass")
+    if not a.reduce:
+        return "reduce=False: the upstream gradient is per token, known only at backward time"
+    if a.mode == MODE_CISPO:
+        return "CISPO: the fused forward kernels have no CISPO epilogue (it runs in the finishing step only)"
+    kl_in_loss = a.ref is not None and a.beta != 0
+    if kl_in_loss and a.kl_est != KL_ESTIMATORS["k3"]:
+        return "kl_estimator other than 'k3' with beta > 0: the fused forward kernels compute k3 only"
+    if a.iw is not None and (kl_in_loss or entropy_coeff):
+        return ("importance_weights with a KL term (beta > 0) or entropy_coeff: the fused forward folds the weights "
+                "into the aggregation weights, which the KL and entropy terms must not see")
     if getattr(backends.get(a.backend), "fwd_grad", None) is None:
         return f"backend {a.backend!r} has no fwd_grad launcher"
     if fused_gradient is None and a.inplace_backward and returns_entropy:
@@ -102,16 +118,17 @@ def why_not(a: FwdArgs, fused_gradient, returns_entropy: bool = False) -> str:
 
 
 def policy_forward(a: FwdArgs, entropy_coeff: float = 0.0, fused_gradient=None, returns_entropy: bool = False):
-    """``(loss, logp, entropy, metrics)`` of the policy loss ``a`` (``- entropy_coeff * agg(H)``
+    """``(loss, logp, entropy, metrics, tok)`` (``tok``: the (kl, flag) token rows when not ``a.reduce``, else
+    None or empty) of the policy loss ``a`` (``- entropy_coeff * agg(H)``
     included; ``a.want_entropy`` must be set when ``entropy_coeff != 0``): the fused-gradient
     forward where it applies (:func:`why_not`), else the two-kernel path."""
-    if not why_not(a, fused_gradient, returns_entropy):
-        return _FusedGradPolicy.apply(a.logits, a, float(entropy_coeff))
-    loss, logp, entropy, _, _, metrics = two_kernel_forward(a)
+    if not why_not(a, fused_gradient, returns_entropy, entropy_coeff):
+        return _FusedGradPolicy.apply(a.logits, a, float(entropy_coeff)) + (None,)
+    loss, logp, entropy, _, _, metrics, tok = two_kernel_forward(a)
     if entropy_coeff:
         w, _ = weights(backends.get(a.backend), a, False)
         loss = entropy_bonus(loss, entropy, w, entropy_coeff)
-    return loss, logp, entropy, metrics
+    return loss, logp, entropy, metrics, tok
 
 
 def scale_grad_(kb, grad, scale) -> None:
@@ -133,18 +150,17 @@ class _FusedGradPolicy(torch.autograd.Function):
     def forward(ctx, logits, a, entropy_coeff):
         kb = backends.get(a.backend)
         N, V = logits.shape
-        w, bad = weights(kb, a, a.check_ids)
+        # importance weights (no KL term, no entropy bonus: why_not) fold into the weights: w_n iw_n
+        w, bad = weights(kb, a, a.check_ids, importance=True)
         if a.check_ids and not (logits.is_cuda and torch.cuda.is_current_stream_capturing()):
             raise_bad_input(bad, a.target, a.cu_seqlens, V, a.ignore_index)  # the one host sync: before any gradient
         inplace = a.inplace_backward
         grad = logits if inplace else torch.empty_like(logits)
         # beta = 0: the reference log-probs only feed the kl_ref metric (finish), never the gradient
         logp, entropy, lse, _, _ = kb.fwd_grad(
-            logits, a.target, a.old, a.adv, a.ref if a.beta else None, w, a.mode, a.params, a.beta, a.temperature,
-            a.ignore_index, a.want_entropy, entropy_coeff, grad)
-        loss, dlogp, metrics, _ = kb.finish(
-            logp, entropy if a.want_entropy else None, a.old, a.adv, a.mask, a.ref, a.target, a.cu_seqlens,
-            a.num_seqs, a.seq_len, a.mode, a.params, a.beta, False, a.agg, a.ignore_index, V, False, a.agg_norm)
+            logits, a.target, a.old, a.adv, a.ref if a.beta else None, w, a.mode, a.params, a.beta,
+            a.temperature, a.ignore_index, a.want_entropy, entropy_coeff, grad)
+        loss, dlogp, metrics, _, _ = finish_launch(kb, a, logp, entropy if a.want_entropy else None, V, False)
         if entropy_coeff:
             loss = entropy_bonus(loss, entropy, w, entropy_coeff)
         if inplace:

@@ -12,6 +12,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ._constants import KL_ESTIMATORS
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm", "token-sum")
 SEQ_MODES = ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")  # normalised by sequences
 LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -262,6 +264,25 @@ def check_cu_seqlens(cu_seqlens, N, device) -> None:
         )
     if last != N:
         raise ValueError(f"cu_seqlens[-1] must be the token count N={N}, got {last}")
+
+
+def kl_estimator_id(kl_estimator) -> int:
+    """The kernels' id of a KL estimator name (verl's ``kl_penalty`` names: k3, k1, k2, low_var_kl)."""
+    if not isinstance(kl_estimator, str) or kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"kl_estimator must be one of {tuple(KL_ESTIMATORS)}, got {kl_estimator!r}")
+    return KL_ESTIMATORS[kl_estimator]
+
+
+def check_reduce(reduce) -> None:
+    if not isinstance(reduce, bool):
+        raise TypeError(f"reduce must be a bool, got {reduce!r}")
+
+
+def prepare_weights(importance_weights, shape, device, dtype):
+    """Per-token importance weights (shape of the tokens) as ``[N]`` ``dtype``, detached; None stays None."""
+    if importance_weights is None:
+        return None
+    return _flat("importance_weights", importance_weights, shape, device, dtype)
 
 
 def check_entropy_coeff(entropy_coeff) -> None:

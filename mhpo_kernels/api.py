@@ -16,10 +16,10 @@ import functools
 import torch
 
 from . import _fused_grad, backends
-from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
+from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict, token_metrics
 from ._inputs import (
-    MHPOOutput, agg_norm, check_cu_seqlens_static, check_entropy_coeff, check_logits, check_loss_args, prepare,
-    prepare_rows, prepare_targets, seq_shape_of,
+    MHPOOutput, agg_norm, check_cu_seqlens_static, check_entropy_coeff, check_logits, check_loss_args, check_reduce,
+    kl_estimator_id, prepare, prepare_rows, prepare_targets, prepare_weights, seq_shape_of,
 )
 from ._ops import FinishedLoss, FwdArgs, policy_forward
 from .config import KERNEL_PARAMS, MODE_NONE, MHPOConfig, resolve_ratio_control
@@ -59,7 +59,8 @@ def mhpo_loss(
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", inplace_backward=False,
     process_group=None, vocab_start_index=None, check_ids=True, entropy_coeff=0.0, fused_gradient=None,
-    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
+    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1, importance_weights=None,
+    kl_estimator="k3", reduce=True,
 ) -> MHPOOutput:
     """MHPO policy loss from logits, fused: no [N, V] float32 temporary.
 
@@ -87,7 +88,28 @@ def mhpo_loss(
             global counts of a batch split into micro-batches over ``dp_size``
             ranks, the micro-batch losses summed (and averaged over ranks) are
             the whole batch's loss. ``dp_size > 1`` needs the mode's global count.
-        ref_logprobs, beta: optional k3 KL to a reference policy, ``+ beta * kl``.
+        ref_logprobs, beta: optional KL to a reference policy, ``+ beta * kl`` per token.
+        kl_estimator: the KL's estimator at ``d = ref - logp`` (verl's ``kl_penalty`` names):
+            "k3" (default, ``e^d - d - 1``), "k1" (``logp - ref``), "k2"
+            (``(logp - ref)^2 / 2``) or "low_var_kl" (k3 with ``d`` clamped to
+            ±20 and the value to ±10, verl's). Also the ``kl_ref`` metric's.
+        importance_weights: per-token weights, shape of target_ids (detached;
+            never read where the mask is 0 or the id is ignored): each token's
+            ratio-control loss is multiplied by its weight, the KL term and the
+            entropy bonus are not (verl's ``rollout_is_weights``, TRL's vLLM
+            ``importance_sampling_ratio``; build them with
+            :mod:`mhpo_kernels.integrations.rollout_correction`). Read in the
+            finishing launch's per-token loop.
+        reduce: False returns per-token terms: ``loss`` has the shape of
+            target_ids, token n holding ``w_n L_n`` (``w_n``: the weight
+            ``loss_agg_mode`` and its normalisers give the token, so
+            ``loss.sum()`` is the reduced loss; ``loss_agg_mode="token-sum"``
+            gives ``mask * L_n``), minus ``entropy_coeff * w_n H_n``;
+            differentiable with a per-token upstream gradient. ``metrics``
+            then adds per-token ``token_kl`` (with ``ref_logprobs``) and
+            ``token_clipped`` (clip, GSPO, CISPO) or ``token_low_survival``
+            (MHPO), 0 on inactive tokens. The gradient then takes the
+            two-kernel path (``fused_gradient`` does not apply).
         return_entropy: also return the per-token entropy (differentiable).
         backend: "auto" | "triton" | "cuda" | "cpu" | "torch" (portable: any device,
             float64 too) | "reference" (the plain-PyTorch ground truth);
@@ -142,7 +164,8 @@ def mhpo_loss(
         backend=backend, inplace_backward=inplace_backward, process_group=process_group,
         vocab_start_index=vocab_start_index, check_ids=check_ids, entropy_coeff=entropy_coeff,
         fused_gradient=fused_gradient, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
-        global_num_tokens=global_num_tokens, dp_size=dp_size,
+        global_num_tokens=global_num_tokens, dp_size=dp_size, importance_weights=importance_weights,
+        kl_estimator=kl_estimator, reduce=reduce,
     )
 
 
@@ -152,6 +175,7 @@ def policy_loss(
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto",
     inplace_backward=False, process_group=None, vocab_start_index=None, check_ids=True, entropy_coeff=0.0,
     fused_gradient=None, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
+    importance_weights=None, kl_estimator="k3", reduce=True,
 ) -> MHPOOutput:
     """Policy loss of any ratio control from logits, fused: no [N, V] float32 temporary.
 
@@ -159,12 +183,14 @@ def policy_loss(
         logits, target_ids, old_logprobs, advantages, mask, temperature,
         loss_agg_mode, ignore_index, ref_logprobs, beta, return_entropy,
         backend, inplace_backward, entropy_coeff, fused_gradient,
-        loss_scale_factor, global_batch_size, global_num_tokens, dp_size: as in
+        loss_scale_factor, global_batch_size, global_num_tokens, dp_size,
+        importance_weights, kl_estimator, reduce: as in
         :func:`mhpo_kernels.mhpo_loss`.
         ratio_control: :class:`MHPOConfig` (None = paper defaults, including
             the ablations ``use_lfm`` / ``use_dhp``), :class:`ClipConfig`
             (GRPO, DAPO clip-higher, dual-clip, TRL two-sided ``delta``),
-            :class:`SAPOConfig` or :class:`GSPOConfig`.
+            :class:`SAPOConfig`, :class:`GSPOConfig` or :class:`CISPOConfig`
+            (token-level only).
         importance_sampling_level: "token" or "sequence" (TRL's name); None =
             "sequence" for GSPOConfig, else "token". "sequence" replaces each
             token's log-ratio by its sequence's masked mean
@@ -230,9 +256,12 @@ def policy_loss(
             loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
             return_entropy=return_entropy, entropy_coeff=entropy_coeff, loss_scale_factor=loss_scale_factor,
             global_batch_size=global_batch_size, global_num_tokens=global_num_tokens, dp_size=dp_size,
+            importance_weights=importance_weights, kl_estimator=kl_estimator, reduce=reduce,
         )
     backends.check_dtype(name, logits.dtype)
     check_entropy_coeff(entropy_coeff)
+    kl_est = kl_estimator_id(kl_estimator)
+    check_reduce(reduce)
     if fused_gradient not in (None, True, False):
         raise ValueError(f"fused_gradient must be None, True or False, got {fused_gradient!r}")
     want_entropy = bool(return_entropy) or entropy_coeff != 0  # the bonus needs the entropy
@@ -243,16 +272,17 @@ def policy_loss(
     )
     _check_packed(cu_seqlens, logits)
     norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
+    iw = prepare_weights(importance_weights, x.shape, logits.device, x.old.dtype)
     B, T = x.seq_shape
     a = FwdArgs(x.logits, x.target, x.old, x.adv, x.mask, x.ref, cu_seqlens, B, T, finish_mode(cfg),
                 _kernel_params(cfg), float(beta), level == "sequence", AGG_IDS[loss_agg_mode],
                 float(temperature), int(ignore_index), want_entropy, bool(check_ids), bool(inplace_backward),
-                name, norm)
+                name, norm, iw, kl_est, reduce)
     if process_group is not None:
         from .distributed import vocab_parallel_policy
 
-        loss, logp, entropy, metrics = vocab_parallel_policy(a, group=process_group,
-                                                             vocab_start_index=vocab_start_index)
+        loss, logp, entropy, metrics, tok = vocab_parallel_policy(a, group=process_group,
+                                                                  vocab_start_index=vocab_start_index)
         if entropy_coeff:
             loss = _fused_grad.entropy_bonus(loss, entropy, _fused_grad.weights(backends.get(name), a, False)[0],
                                              entropy_coeff)
@@ -260,9 +290,12 @@ def policy_loss(
         if inplace_backward and x.logits.shape[0] > 1 and x.logits.stride(0) < x.logits.shape[1]:
             raise ValueError("inplace_backward=True needs logits whose rows do not overlap (stride(0) >= V); "
                              f"got stride {x.logits.stride(0)} for V = {x.logits.shape[1]}")
-        loss, logp, entropy, metrics = _fused_grad.policy_forward(a, entropy_coeff, fused_gradient,
-                                                                      bool(return_entropy))
+        loss, logp, entropy, metrics, tok = _fused_grad.policy_forward(a, entropy_coeff, fused_gradient,
+                                                                       bool(return_entropy))
     metrics = metrics_dict(metrics, metric_names(cfg, want_entropy, x.ref is not None))
+    if not reduce:
+        loss = loss.reshape(x.shape)
+        metrics.update(token_metrics(cfg, tok, x.shape, x.ref is not None))
     if len(x.shape) != 1:  # [B, T]; [N] log-probs already have the token shape
         logp, entropy = logp.reshape(x.shape), entropy.reshape(x.shape) if return_entropy else entropy
     return MHPOOutput(loss, logp.detach(), entropy if return_entropy else None, metrics)
@@ -271,7 +304,8 @@ def policy_loss(
 def policy_loss_from_logprobs(
     logprobs, old_logprobs, advantages, mask=None, *, ratio_control=None, importance_sampling_level=None,
     cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0, backend="auto", check_ids=True,
-    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1,
+    loss_scale_factor=None, global_batch_size=None, global_num_tokens=None, dp_size=1, importance_weights=None,
+    kl_estimator="k3", reduce=True,
 ) -> MHPOOutput:
     """The same policy loss from per-token log-probs you already have: O(N), one launch.
 
@@ -287,7 +321,8 @@ def policy_loss_from_logprobs(
         advantages: shape of logprobs, or [B] for [B, T] log-probs.
         ratio_control, importance_sampling_level, cu_seqlens (with [N]
         log-probs), loss_agg_mode, beta, loss_scale_factor, global_batch_size,
-        global_num_tokens, dp_size: as in :func:`policy_loss`.
+        global_num_tokens, dp_size, importance_weights, kl_estimator, reduce:
+        as in :func:`policy_loss` (shapes: of logprobs).
         backend: as in :func:`policy_loss`; float64 log-probs run on "torch"
             (or "reference") whatever the choice, to keep their precision.
         check_ids: with ``cu_seqlens``, a bad layout raises ValueError (one
@@ -315,6 +350,8 @@ def policy_loss_from_logprobs(
     if logprobs.dim() not in (1, 2):
         raise ValueError(f"logprobs must be [N] or [B, T], got shape {tuple(logprobs.shape)}")
     check_loss_args(loss_agg_mode, beta, ref_logprobs is not None)
+    kl_est = kl_estimator_id(kl_estimator)
+    check_reduce(reduce)
     norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
     shape, device = tuple(logprobs.shape), logprobs.device
     if cu_seqlens is not None:
@@ -327,20 +364,26 @@ def policy_loss_from_logprobs(
             logprobs, old_logprobs, advantages, mask, ratio_control=cfg, importance_sampling_level=level,
             cu_seqlens=cu_seqlens, loss_agg_mode=loss_agg_mode, ref_logprobs=ref_logprobs, beta=beta,
             loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
-            global_num_tokens=global_num_tokens, dp_size=dp_size)
+            global_num_tokens=global_num_tokens, dp_size=dp_size, importance_weights=importance_weights,
+            kl_estimator=kl_estimator, reduce=reduce)
     if logprobs.dtype == torch.float64 and torch.float64 not in backends.REGISTRY[name].dtypes:
         name = "torch"  # O(N) work: float64 log-probs keep their precision on the torch backend
     dtype = _rows_dtype(logprobs.dtype)
     old, adv, m, ref = prepare_rows(shape, device, old_logprobs, advantages, mask, ref_logprobs, dtype)
+    iw = prepare_weights(importance_weights, shape, device, dtype)
     logp = logprobs.reshape(-1)
     N = logp.shape[0]
     B, T = seq_shape_of(shape)
     no_ignored = torch.zeros(N, dtype=torch.int64, device=device)  # the finishing step's ids: none is ignored
-    loss, metrics = FinishedLoss.apply(
+    loss, metrics, tok = FinishedLoss.apply(
         logp.to(dtype), None, old, adv, m, ref, no_ignored, cu_seqlens, B, T, finish_mode(cfg),
         list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], -1, 1,
-        bool(check_ids) and cu_seqlens is not None, name, norm)
-    return MHPOOutput(loss, logprobs.detach(), None, metrics_dict(metrics, metric_names(cfg, False, ref is not None)))
+        bool(check_ids) and cu_seqlens is not None, name, norm, iw, kl_est, reduce)
+    metrics = metrics_dict(metrics, metric_names(cfg, False, ref is not None))
+    if not reduce:
+        loss = loss.reshape(shape)
+        metrics.update(token_metrics(cfg, tok, shape, ref is not None))
+    return MHPOOutput(loss, logprobs.detach(), None, metrics)
 
 
 def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, return_entropy=False, backend="auto",
@@ -393,7 +436,7 @@ def token_logprobs(logits, target_ids, *, temperature=1.0, ignore_index=-100, re
             return_entropy=return_entropy, backend=name, vocab_start_index=vocab_start_index)
     else:
         B, T = seq_shape_of(shape)
-        _, logp, entropy, _, _, _ = policy_forward(FwdArgs(
+        _, logp, entropy, _, _, _, _ = policy_forward(FwdArgs(
             logits2d, target, None, None, None, None, None, B, T, MODE_NONE, [0.0] * KERNEL_PARAMS, 0.0, False, 0,
             float(temperature), int(ignore_index), bool(return_entropy), bool(check_ids), False, name))
     logp = logp.reshape(shape)

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from . import backends
 from ._finish import raise_bad_input
+from ._ops import finish_launch, upstream
 from ._inputs import check_ignore_index, check_target_ids
 from .config import KERNEL_PARAMS, MODE_NONE
 
@@ -192,23 +193,23 @@ class _VocabParallelPolicy(torch.autograd.Function):
         k = ShardedBackend(backends.get(a.backend), group, layout)
         V_total = layout.total
         logp, entropy, lse = k.fwd(logits, a.target, a.old, a.temperature, a.ignore_index, a.want_entropy)
-        loss, dlogp, metrics, bad = k.base.finish(
-            logp, entropy if a.want_entropy else None, a.old, a.adv, a.mask, a.ref, a.target, a.cu_seqlens,
-            a.num_seqs, a.seq_len, a.mode, a.params, a.beta, a.seq_level, a.agg, a.ignore_index, V_total, a.check_ids,
-            a.agg_norm)
+        loss, dlogp, metrics, bad, tok = finish_launch(k.base, a, logp, entropy if a.want_entropy else None, V_total,
+                                                       a.check_ids)
         if a.check_ids and not (a.target.is_cuda and torch.cuda.is_current_stream_capturing()):
             raise_bad_input(bad, a.target, a.cu_seqlens, V_total, a.ignore_index)
-        ctx.mark_non_differentiable(logp, metrics)
+        tok = logp.new_empty(0, logp.shape[0]) if tok is None else tok
+        ctx.mark_non_differentiable(logp, metrics, tok)
         ctx.save_for_backward(logits, a.target, lse, entropy, dlogp)
         ctx.args = (a.temperature, a.ignore_index, a.want_entropy, k)
-        return loss, logp, entropy, metrics
+        return loss, logp, entropy, metrics, tok
 
     @staticmethod
-    def backward(ctx, g_loss, g_logp, g_ent, g_metrics):
+    def backward(ctx, g_loss, g_logp, g_ent, g_metrics, g_tok):
         logits, target, lse, entropy, dlogp = ctx.saved_tensors
         temperature, ignore_index, want_entropy, k = ctx.args
         if g_loss is None:
             dlogp = torch.zeros_like(lse)
+        dlogp, g_loss = upstream(dlogp, g_loss)  # reduce=False: a per-token upstream gradient
         dent = g_ent.to(lse.dtype).contiguous() if (want_entropy and g_ent is not None) else None
         grad = torch.empty_like(logits)
         k.bwd(logits, target, lse, entropy if dent is not None else None, dlogp, dent, temperature, ignore_index, grad,
@@ -217,7 +218,7 @@ class _VocabParallelPolicy(torch.autograd.Function):
 
 
 def vocab_parallel_policy(a, *, group, vocab_start_index=None):
-    """``(loss, logp, entropy, metrics)`` of the fused policy loss on a vocabulary shard: ``a`` is the
+    """``(loss, logp, entropy, metrics, tok)`` of the fused policy loss on a vocabulary shard: ``a`` is the
     :class:`mhpo_kernels._ops.FwdArgs` of the call, with ``a.logits`` this rank's ``[N, V_local]``."""
     layout = shard_layout(a.logits.shape[1], a.logits.shape[0], group, vocab_start_index)
     check_ignore_index(a.ignore_index, layout.total)

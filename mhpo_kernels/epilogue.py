@@ -15,8 +15,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._constants import K3_SERIES_BELOW
-from .config import CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
+from ._constants import K3_SERIES_BELOW, KL_ESTIMATORS, LOW_VAR_KL_D_LIMIT, LOW_VAR_KL_LIMIT
+from .config import (
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig,
+)
+
+KL_K3, KL_K1, KL_K2, KL_LOW_VAR_KL = (KL_ESTIMATORS[k] for k in ("k3", "k1", "k2", "low_var_kl"))
 
 
 def mhpo_parts(delta, cfg: MHPOConfig):
@@ -73,9 +77,19 @@ def _clip(delta, adv, cfg):
     return loss, coef, unclipped
 
 
-def surrogate(delta, adv, cfg):
+def cispo_ratio(delta, cfg: CISPOConfig):
+    """``(r, clip(r))`` of CISPO: ``r = exp(clamp(delta, -20, 20))`` clamped to ``[ratio_low, ratio_high]``."""
+    r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
+    return r, r.clamp(cfg.ratio_low, cfg.ratio_high)
+
+
+def surrogate(delta, adv, cfg, logp=None):
     """Per-token ``(loss, d loss / d logp)`` of a ratio control at log-ratio ``delta``
-    (for GSPO and sequence-level modes, the sequence log-ratio)."""
+    (for GSPO and sequence-level modes, the sequence log-ratio). CISPO's loss also reads
+    ``logp`` (``-sg(clip(r)) A logp``)."""
+    if isinstance(cfg, CISPOConfig):
+        c = cispo_ratio(delta, cfg)[1]
+        return -c * adv * logp, -c * adv
     if isinstance(cfg, MHPOConfig):
         psi, dpsi, zeta = mhpo_parts(delta, cfg)  # zeta is a stop-gradient factor
         w = torch.exp(psi - zeta)
@@ -105,18 +119,42 @@ def k3(d):
     return torch.where(small, series, em1 - d), em1
 
 
-def token_epilogue(cfg, delta, adv, ref_minus_logp, beta, active):
-    """``(loss, coef, kl)`` per token: the surrogate at ``delta`` plus ``beta * k3`` KL.
+def kl_estimate(d, est: int = KL_K3):
+    """``(kl, d kl / d logp)`` of KL estimator ``est`` (``_constants.KL_ESTIMATORS``) at ``d = ref - logp``:
+    k3 ``e^d - d - 1`` (:func:`k3`), k1 ``-d``, k2 ``d^2 / 2``, low_var_kl verl's clamped k3 (``d`` clamped
+    to ±20, the value to ±10; the derivative is 0 where either clamp bites, as torch.clamp's)."""
+    if est == KL_K1:
+        return -d, torch.ones_like(d)
+    if est == KL_K2:
+        return 0.5 * d * d, -d
+    if est == KL_LOW_VAR_KL:
+        lim = LOW_VAR_KL_D_LIMIT
+        kl, em1 = k3(d.clamp(-lim, lim))
+        live = (d >= -lim) & (d <= lim) & (kl <= LOW_VAR_KL_LIMIT)
+        return kl.clamp(max=LOW_VAR_KL_LIMIT), torch.where(live, -em1, torch.zeros_like(em1))
+    if est != KL_K3:
+        raise ValueError(f"unknown KL estimator id {est}")
+    kl, em1 = k3(d)
+    return kl, -em1
+
+
+def token_epilogue(cfg, delta, adv, ref_minus_logp, beta, active, iw=None, kl_est: int = KL_K3, logp=None):
+    """``(loss, coef, kl)`` per token: ``iw *`` the surrogate at ``delta`` plus ``beta *`` the KL
+    estimate ``kl_est`` (the importance weight ``iw`` multiplies the ratio control's part only).
 
     Both are exactly 0 where ``active`` is False; ``ref_minus_logp`` (0 on
     inactive rows) or None: no KL, ``kl`` is None then. With ``beta = 0`` the
     reference only feeds the ``kl_ref`` metric (``0 * inf`` would be NaN).
+    ``iw``: None, or per-token weights (read where ``active`` only).
     """
     zero = torch.zeros_like(delta)
-    value, coef = surrogate(delta, adv, cfg)
+    value, coef = surrogate(delta, adv, cfg, logp)
+    if iw is not None:
+        w = torch.where(active, iw, zero)
+        value, coef = value * w, coef * w
     kl = None
     if ref_minus_logp is not None:
-        kl, em1 = k3(ref_minus_logp)
+        kl, dkl = kl_estimate(ref_minus_logp, kl_est)
         if beta:
-            value, coef = value + beta * kl, coef - beta * em1
+            value, coef = value + beta * kl, coef + beta * dkl
     return torch.where(active, value, zero), torch.where(active, coef, zero), kl

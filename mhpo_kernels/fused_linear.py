@@ -60,10 +60,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import backends
-from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict
+from ._finish import AGG_IDS, finish_mode, metric_names, metrics_dict, token_metrics
 from ._inputs import (
     MHPOOutput, _flat, agg_norm, check_cu_seqlens, check_ignore_index, check_loss_args, check_target_ids,
-    check_temperature, prepare_rows, seq_shape_of,
+    check_reduce, check_temperature, kl_estimator_id, prepare_rows, prepare_weights, seq_shape_of,
 )
 from ._ops import FinishedLoss
 from .distributed import combine, gather_stats, shard_layout
@@ -395,7 +395,7 @@ def fused_linear_mhpo_loss(
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="auto", ratio_control=None,
     importance_sampling_level=None, cu_seqlens=None, ref_hidden=None, ref_weight=None, ref_bias=None,
     process_group=None, vocab_start_index=None, loss_scale_factor=None, global_batch_size=None,
-    global_num_tokens=None, dp_size=1,
+    global_num_tokens=None, dp_size=1, importance_weights=None, kl_estimator="k3", reduce=True,
 ) -> MHPOOutput:
     """Policy loss of ``hidden @ weight.T + bias`` without materialising the ``[N, V]`` logits.
 
@@ -417,13 +417,14 @@ def fused_linear_mhpo_loss(
         config: :class:`MHPOConfig` shorthand (None = paper defaults).
         ratio_control, importance_sampling_level: any ratio control of
             :func:`mhpo_kernels.policy_loss` (``MHPOConfig``, ``ClipConfig``,
-            ``SAPOConfig``, ``GSPOConfig``), token- or sequence-level; exclusive
+            ``SAPOConfig``, ``GSPOConfig``, ``CISPOConfig``), token- or sequence-level; exclusive
             with ``config``. Sequence-level ratios work unchanged: every log-prob
             is computed (no gradient kept) before the gradient pass.
         cu_seqlens: packed sequences over ``[N, H]`` hidden states, as in
             :func:`mhpo_kernels.policy_loss`.
         temperature, loss_agg_mode, ignore_index, ref_logprobs, beta, backend,
-        loss_scale_factor, global_batch_size, global_num_tokens, dp_size:
+        loss_scale_factor, global_batch_size, global_num_tokens, dp_size,
+        importance_weights, kl_estimator, reduce:
             as :func:`mhpo_kernels.policy_loss`. ``backend`` resolves against the
             hidden states' device (the tiles run its launchers; ``"torch"`` on any
             device); ``"reference"`` computes the plain unfused ``F.linear`` +
@@ -486,13 +487,16 @@ def fused_linear_mhpo_loss(
             importance_sampling_level=level, cu_seqlens=cu_seqlens, temperature=temperature,
             loss_agg_mode=loss_agg_mode, ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta,
             return_entropy=return_entropy, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
-            global_num_tokens=global_num_tokens, dp_size=dp_size,
+            global_num_tokens=global_num_tokens, dp_size=dp_size, importance_weights=importance_weights,
+            kl_estimator=kl_estimator, reduce=reduce,
         )
     backends.check_dtype(name, hidden.dtype, "hidden states")
     if hidden.dtype == torch.float64:
         raise TypeError("the fused lm_head tiles take float32 / bfloat16 / float16 hidden states, got "
                         "torch.float64; use backend='reference' for float64")
     check_loss_args(loss_agg_mode, beta, ref_logprobs is not None or ref_head is not None)
+    kl_est = kl_estimator_id(kl_estimator)
+    check_reduce(reduce)
     norm = agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)
     check_temperature(temperature)
 
@@ -510,6 +514,7 @@ def fused_linear_mhpo_loss(
     check_target_ids(target, V_total, ignore_index)  # before the GEMMs (one host sync)
     old, adv, m, ref = prepare_rows(shape, hidden.device, old_logprobs, advantages, mask, ref_logprobs,
                                     torch.float32)
+    iw = prepare_weights(importance_weights, shape, hidden.device, torch.float32)
     opts = _TileOpts(backends.get(name), float(temperature), int(ignore_index), bool(return_entropy), rows, cols,
                      process_group, start, layout)
     h2d = hidden.reshape(-1, H)
@@ -520,11 +525,14 @@ def fused_linear_mhpo_loss(
     if ref_head is not None:
         ref = ref_logp
     B, T = seq_shape_of(shape)
-    loss, metrics = FinishedLoss.apply(
+    loss, metrics, tok = FinishedLoss.apply(
         logp, entropy if return_entropy else None, old, adv, m, ref, target, cu_seqlens, B, T, finish_mode(cfg),
         list(cfg.kernel_params()), float(beta), level == "sequence", AGG_IDS[loss_agg_mode], int(ignore_index),
-        V_total, False, name, norm)
+        V_total, False, name, norm, iw, kl_est, reduce)
     metrics = metrics_dict(metrics, metric_names(cfg, return_entropy, ref is not None))
+    if not reduce:
+        loss = loss.reshape(shape)
+        metrics.update(token_metrics(cfg, tok, shape, ref is not None))
     return MHPOOutput(loss, logp.detach().reshape(shape), entropy.reshape(shape) if return_entropy else None, metrics)
 
 

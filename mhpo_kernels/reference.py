@@ -14,16 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from ._inputs import (
-    MHPOOutput, agg_norm, check_cu_seqlens, check_entropy_coeff, check_target_ids, prepare, prepare_targets,
+    MHPOOutput, agg_norm, check_cu_seqlens, check_entropy_coeff, check_reduce, check_target_ids, kl_estimator_id,
+    prepare, prepare_targets, prepare_weights,
 )
 from .config import (
-    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig, resolve_ratio_control,
+    CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig,
+    resolve_ratio_control,
 )
 
 __all__ = [
     "mhpo_loss", "token_logprobs_entropy", "lfm", "dhp", "token_loss", "aggregate",
     "policy_loss", "policy_loss_from_logprobs", "token_logprobs", "gspo_token_loss", "sequence_token_loss",
-    "sequence_log_ratio", "check_cu_seqlens", "policy_metrics",
+    "sequence_log_ratio", "check_cu_seqlens", "policy_metrics", "kl_estimate", "token_weights",
 ]
 
 
@@ -62,8 +64,11 @@ def dhp(psi, cfg: MHPOConfig):
     return (F.softplus(psi) / cfg.lam_pos) ** cfg.k_pos + (F.softplus(-psi) / cfg.lam_neg) ** cfg.k_neg
 
 
-def token_loss(delta, adv, cfg):
-    """Per-token surrogate loss of one ratio control, differentiable w.r.t. delta."""
+def token_loss(delta, adv, cfg, logp=None):
+    """Per-token surrogate loss of one ratio control, differentiable w.r.t. delta (CISPO: w.r.t. ``logp``)."""
+    if isinstance(cfg, CISPOConfig):  # verl's compute_policy_loss_cispo: -sg(clip(r)) * A * logp
+        ratio = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
+        return -ratio.clamp(cfg.ratio_low, cfg.ratio_high).detach() * adv * logp
     if isinstance(cfg, MHPOConfig):
         psi = lfm(delta, cfg)
         zeta = dhp(psi, cfg)
@@ -81,6 +86,44 @@ def token_loss(delta, adv, cfg):
         tau = torch.full_like(adv, cfg.tau_neg).masked_fill(adv > 0, cfg.tau_pos)
         return -(4 / tau) * torch.sigmoid(tau * (ratio - 1)) * adv
     raise TypeError(f"unsupported ratio control {type(cfg).__name__}")
+
+
+def kl_estimate(logp, ref, kl_estimator="k3"):
+    """verl's ``kl_penalty(logp, ref, kl_estimator)``, differentiable w.r.t. ``logp``: k1 ``logp - ref``,
+    k2 ``(logp - ref)^2 / 2``, k3 ``e^d - d - 1`` with ``d = ref - logp``, low_var_kl the same with ``d``
+    clamped to [-20, 20] and the value to [-10, 10]."""
+    kl_estimator_id(kl_estimator)  # validates
+    if kl_estimator == "k1":
+        return logp - ref
+    if kl_estimator == "k2":
+        return 0.5 * (logp - ref) ** 2
+    d = ref - logp
+    if kl_estimator == "low_var_kl":
+        d = d.clamp(-20, 20)
+        return (torch.exp(d) - d - 1).clamp(-10, 10)
+    return torch.exp(d) - d - 1
+
+
+def token_weights(m, loss_agg_mode, *, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None,
+                  dp_size=1):
+    """The per-token weights w over [B, T] with ``aggregate(L, m, mode) == (w * L).sum()`` (docs/mhpo.md's
+    aggregation table written per token): what ``reduce=False`` multiplies each token's loss by."""
+    agg_norm(loss_agg_mode, loss_scale_factor, global_batch_size, global_num_tokens, dp_size)  # validates
+    if loss_agg_mode == "token-sum":
+        return m * dp_size
+    if loss_agg_mode == "token-mean":
+        n_tokens = m.sum() if global_num_tokens is None else torch.as_tensor(float(global_num_tokens), dtype=m.dtype)
+        return safe_div(m, n_tokens) * dp_size
+    seq_count = m.sum(-1, keepdim=True)
+    n_seq = (seq_count != 0).sum().to(m.dtype)
+    if global_batch_size is not None:
+        n_seq = torch.as_tensor(float(global_batch_size), dtype=m.dtype)
+    if loss_agg_mode == "seq-mean-token-mean":
+        return safe_div(safe_div(m, seq_count), n_seq) * dp_size
+    if loss_agg_mode == "seq-mean-token-sum":
+        return safe_div(m, n_seq) * dp_size
+    scale = max(m.shape[-1], 1) if loss_scale_factor is None else float(loss_scale_factor)
+    return safe_div(m, n_seq) / scale * dp_size
 
 
 def aggregate(L, m, loss_agg_mode, *, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None,
@@ -113,7 +156,7 @@ def mhpo_loss(
     temperature=1.0, loss_agg_mode="token-mean", ignore_index=-100,
     ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference", inplace_backward=False,
     entropy_coeff=0.0, fused_gradient=None, loss_scale_factor=None, global_batch_size=None, global_num_tokens=None,
-    dp_size=1,
+    dp_size=1, importance_weights=None, kl_estimator="k3", reduce=True,
 ):
     """Reference MHPO loss; same signature and output as :func:`mhpo_kernels.mhpo_loss`.
 
@@ -127,7 +170,8 @@ def mhpo_loss(
         importance_sampling_level="token", temperature=temperature, loss_agg_mode=loss_agg_mode,
         ignore_index=ignore_index, ref_logprobs=ref_logprobs, beta=beta, return_entropy=return_entropy,
         entropy_coeff=entropy_coeff, loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
-        global_num_tokens=global_num_tokens, dp_size=dp_size,
+        global_num_tokens=global_num_tokens, dp_size=dp_size, importance_weights=importance_weights,
+        kl_estimator=kl_estimator, reduce=reduce,
     )
 
 
@@ -184,10 +228,12 @@ def sequence_token_loss(logp, old, adv, m, cfg):
 
 
 def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, entropy, entropy_coeff=0.0,
-                        norm=None):
+                        norm=None, iw=None, kl_estimator="k3", reduce=True):
     """Loss and metrics over [B, T]; logp (and entropy) differentiable, the rest detached.
     ``entropy_coeff``: verl's bonus, ``loss - entropy_coeff * aggregate(entropy)`` (same weights).
-    ``norm``: :func:`aggregate`'s global normalisers, by name."""
+    ``norm``: :func:`aggregate`'s global normalisers, by name. ``iw``: per-token importance weights
+    on the ratio control's loss (not the KL). ``reduce=False``: the loss is per token,
+    ``token_weights * L`` (its sum is the reduced loss), and a third value holds the per-token metrics."""
     norm = norm or {}
     active = m != 0
     zero = torch.zeros_like(old)
@@ -197,34 +243,71 @@ def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode,
         L = (gspo_token_loss if isinstance(cfg, GSPOConfig) else sequence_token_loss)(logp, old, adv, m, cfg)
         metric_delta = torch.where(active, sequence_log_ratio(delta.detach(), m)[:, None], zero)
     else:
-        L = token_loss(delta, adv, cfg)
+        L = token_loss(delta, adv, cfg, torch.where(active, logp, zero))
         metric_delta = delta
+    if iw is not None:  # verl: pg_losses * rollout_is_weights, before the KL term
+        L = L * torch.where(active, iw, zero)
     kl = None
     if ref is not None:
-        d = torch.where(active, ref - logp, zero)
-        kl = torch.exp(d) - d - 1  # k3 estimator
+        # where() first: masked positions may hold inf / NaN (their gradient too)
+        kl = torch.where(active, kl_estimate(torch.where(active, logp, zero), torch.where(active, ref, zero),
+                                             kl_estimator), zero)
         if beta:  # with beta = 0, ref only feeds the kl_ref metric
             L = L + beta * kl
-    loss = aggregate(L, m, loss_agg_mode, **norm)
-    if entropy_coeff:
-        loss = loss - entropy_coeff * aggregate(entropy, m, loss_agg_mode, **norm)
+    if reduce:
+        loss = aggregate(L, m, loss_agg_mode, **norm)
+        if entropy_coeff:
+            loss = loss - entropy_coeff * aggregate(entropy, m, loss_agg_mode, **norm)
+    else:
+        w = token_weights(m, loss_agg_mode, **norm)
+        loss = w * torch.where(active, L, zero)
+        if entropy_coeff:
+            loss = loss - entropy_coeff * w * entropy
     flat = lambda t: None if t is None else t.reshape(-1)
     metrics = policy_metrics(cfg, flat(metric_delta), flat(active), flat(entropy), flat(kl), adv=flat(adv))
-    return loss, metrics
+    if reduce:
+        return loss, metrics, None
+    return loss, metrics, token_metrics(cfg, metric_delta, active, adv, kl)
+
+
+@torch.no_grad()
+def token_metrics(cfg, delta, active, adv, kl) -> dict:
+    """``reduce=False``'s per-token metrics (0 on inactive tokens): ``token_kl`` (with a reference),
+    ``token_clipped`` (clip, GSPO, CISPO: the tokens ``clipfrac`` counts) or ``token_low_survival``
+    (MHPO: ``exp(-zeta) < 0.5``)."""
+    zero = torch.zeros_like(delta)
+    out = {}
+    if kl is not None:
+        out["token_kl"] = torch.where(active, kl.detach(), zero)
+    if isinstance(cfg, MHPOConfig):
+        out["token_low_survival"] = torch.where(active, (torch.exp(-dhp(lfm(delta, cfg), cfg)) < 0.5).to(zero.dtype),
+                                                zero)
+    elif isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
+        low, high = _clip_flags(cfg, delta, adv)
+        out["token_clipped"] = torch.where(active, (low | high).to(zero.dtype), zero)
+    return out
 
 
 def _policy_loss_flat(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, seq_shape, cu_seqlens, entropy,
-                      entropy_coeff=0.0, norm=None):
-    """Flat [N] per-token tensors -> loss, metrics, through the padded [B, T] form."""
+                      entropy_coeff=0.0, norm=None, iw=None, kl_estimator="k3", reduce=True):
+    """Flat [N] per-token tensors -> loss, metrics (and reduce=False's per-token metrics), through the padded
+    [B, T] form; per-token results come back flat [N]."""
     if cu_seqlens is None:
         pad = lambda t: None if t is None else t.reshape(seq_shape)
+        unpad = lambda t: t.reshape(-1)
     else:
         idx = _pad_index(cu_seqlens)
         pad = lambda t: _to_padded(t, idx)
-    return _policy_loss_padded(
+        keep = idx >= 0
+        unpad = lambda t: t.new_zeros(logp.shape[0]).index_put((idx[keep],), t[keep])
+    loss, metrics, per_token = _policy_loss_padded(
         pad(logp), pad(old), pad(adv), pad(m), pad(ref), beta, cfg, level, loss_agg_mode, pad(entropy),
-        entropy_coeff, norm,
+        entropy_coeff, norm, pad(iw), kl_estimator, reduce,
     )
+    if reduce:
+        return loss, metrics
+    metrics.update({k: unpad(v) for k, v in per_token.items()})
+    return unpad(loss), metrics
 
 
 def policy_loss(
@@ -232,7 +315,7 @@ def policy_loss(
     importance_sampling_level=None, cu_seqlens=None, temperature=1.0, loss_agg_mode="token-mean",
     ignore_index=-100, ref_logprobs=None, beta=0.0, return_entropy=False, backend="reference",
     inplace_backward=False, entropy_coeff=0.0, fused_gradient=None, loss_scale_factor=None, global_batch_size=None,
-    global_num_tokens=None, dp_size=1,
+    global_num_tokens=None, dp_size=1, importance_weights=None, kl_estimator="k3", reduce=True,
 ):
     """Reference of :func:`mhpo_kernels.policy_loss` (same signature and output).
 
@@ -243,6 +326,8 @@ def policy_loss(
     """
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
     check_entropy_coeff(entropy_coeff)
+    kl_estimator_id(kl_estimator)
+    check_reduce(reduce)
     want_entropy = bool(return_entropy) or entropy_coeff != 0
     x = prepare(
         logits, target_ids, old_logprobs, advantages, mask, temperature=temperature,
@@ -258,10 +343,14 @@ def policy_loss(
                                            want_entropy=want_entropy)
     norm = dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
                 global_num_tokens=global_num_tokens, dp_size=dp_size)
+    iw = prepare_weights(importance_weights, x.shape, logits.device, x.old.dtype)
     loss, metrics = _policy_loss_flat(
         logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
-        entropy, entropy_coeff, norm,
+        entropy, entropy_coeff, norm, iw, kl_estimator, reduce,
     )
+    if not reduce:
+        loss = loss.reshape(x.shape)
+        metrics = {k: v.reshape(x.shape) if k.startswith("token_") else v for k, v in metrics.items()}
     return MHPOOutput(
         loss, logp.detach().reshape(x.shape), entropy.reshape(x.shape) if return_entropy else None, metrics
     )
@@ -270,10 +359,12 @@ def policy_loss(
 def policy_loss_from_logprobs(
     logprobs, old_logprobs, advantages, mask=None, *, ratio_control=None, importance_sampling_level=None,
     cu_seqlens=None, loss_agg_mode="token-mean", ref_logprobs=None, beta=0.0, loss_scale_factor=None,
-    global_batch_size=None, global_num_tokens=None, dp_size=1,
+    global_batch_size=None, global_num_tokens=None, dp_size=1, importance_weights=None, kl_estimator="k3", reduce=True,
 ):
     """Reference of :func:`mhpo_kernels.policy_loss_from_logprobs` (autograd through the formulas)."""
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
+    kl_estimator_id(kl_estimator)
+    check_reduce(reduce)
     shape = tuple(logprobs.shape)
     dtype = torch.float64 if logprobs.dtype == torch.float64 else torch.float32
     if advantages.dim() == 1 and len(shape) == 2 and advantages.shape[0] == shape[0]:
@@ -286,7 +377,11 @@ def policy_loss_from_logprobs(
         cfg, level, loss_agg_mode, seq_shape, cu_seqlens, None,
         norm=dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
                   global_num_tokens=global_num_tokens, dp_size=dp_size),
+        iw=flat(importance_weights), kl_estimator=kl_estimator, reduce=reduce,
     )
+    if not reduce:
+        loss = loss.reshape(shape)
+        metrics = {k: v.reshape(shape) if k.startswith("token_") else v for k, v in metrics.items()}
     return MHPOOutput(loss, logprobs.detach(), None, metrics)
 
 
@@ -311,10 +406,21 @@ def _mean(x, active, n):
     return torch.where(active, x, torch.zeros_like(x)).sum() / n
 
 
-def _clip_fractions(r, cfg, adv, active, n):
+def _clip_flags(cfg, delta, adv):
+    """The tokens ``clipfrac_low`` / ``clipfrac_high`` count (see :func:`policy_metrics`)."""
+    if isinstance(cfg, CISPOConfig):  # verl's pg_clipfrac: ratio != clipped ratio, whatever the sign of A
+        r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
+        return r < cfg.ratio_low, r > cfg.ratio_high
+    limit = GSPO_LOG_RATIO_LIMIT if isinstance(cfg, GSPOConfig) else CLIP_LOG_RATIO_LIMIT
+    r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT if isinstance(cfg, ClipConfig) else None, limit))
     low, high = r < 1 - cfg.eps_low, r > 1 + cfg.eps_high
     if adv is not None:
         low, high = low & (adv < 0), high & (adv > 0)
+    return low, high
+
+
+def _clip_fractions(cfg, delta, adv, active, n):
+    low, high = _clip_flags(cfg, delta, adv)
     low, high = low.float(), high.float()
     return {"clipfrac_low": _mean(low, active, n), "clipfrac_high": _mean(high, active, n),
             "clipfrac": _mean(low + high, active, n)}
@@ -333,7 +439,8 @@ def policy_metrics(cfg, delta, active, entropy=None, kl=None, adv=None) -> dict:
     ``clipfrac_low`` counts tokens with ``r < 1 - eps_low`` and ``A < 0``,
     ``clipfrac_high`` those with ``r > 1 + eps_high`` and ``A > 0`` (where the
     clip is active and the token's gradient is cut), ``clipfrac`` either; without
-    ``adv`` the sign condition is dropped. With ``dual_clip_c`` and ``adv``,
+    ``adv`` the sign condition is dropped (and always for CISPO, whose bounds are
+    ``ratio_low`` / ``ratio_high``: verl's ``pg_clipfrac``). With ``dual_clip_c`` and ``adv``,
     ``dual_clipfrac`` is verl's ``pg_clipfrac_lower`` (A < 0 tokens whose loss
     is capped at ``-dual_clip_c * A``).
     """
@@ -356,15 +463,14 @@ def policy_metrics(cfg, delta, active, entropy=None, kl=None, adv=None) -> dict:
         out["low_survival_frac"] = _mean((survival < 0.5).float(), active, n)
     elif isinstance(cfg, ClipConfig):
         r = torch.exp(delta.clamp(-CLIP_LOG_RATIO_LIMIT, CLIP_LOG_RATIO_LIMIT))
-        out.update(_clip_fractions(r, cfg, adv, active, n))
+        out.update(_clip_fractions(cfg, delta, adv, active, n))
         if cfg.dual_clip_c is not None and adv is not None:
             adv = adv.detach().float()
             unclipped = r if cfg.delta is None else r.clamp(max=cfg.delta)
             loss = torch.maximum(-unclipped * adv, -r.clamp(1 - cfg.eps_low, 1 + cfg.eps_high) * adv)
             out["dual_clipfrac"] = _mean(((adv < 0) & (loss > -cfg.dual_clip_c * adv)).float(), active, n)
-    elif isinstance(cfg, GSPOConfig):
-        r = torch.exp(delta.clamp(max=GSPO_LOG_RATIO_LIMIT))
-        out.update(_clip_fractions(r, cfg, adv, active, n))
+    elif isinstance(cfg, (GSPOConfig, CISPOConfig)):
+        out.update(_clip_fractions(cfg, delta, adv, active, n))
     if entropy is not None:
         out["entropy_mean"] = _mean(entropy.detach().float(), active, n)
     if kl is not None:

@@ -197,7 +197,11 @@ def test_opcheck(backend, packed, no_poison):
     fwd_args = (logits, ids, old, adv, mask, ref, cu, 1, 9, cfg.kernel_mode, list(cfg.kernel_params()), 0.1,
                 packed, 1, 0.9, -100, True, True, False, backend)
     torch.library.opcheck(_ops.policy_fwd, fwd_args)
-    loss, logp, ent, lse, dlogp, metrics = (t.detach() for t in _ops.policy_fwd(*fwd_args))
+    # per-token outputs, importance weights and another KL estimator: the op's other output shapes
+    iw = torch.rand(9, device=logits.device)
+    torch.library.opcheck(_ops.policy_fwd, fwd_args + (None, iw, 3, False))
+    loss, logp, ent, lse, dlogp, metrics, tok = (t.detach() for t in _ops.policy_fwd(*fwd_args))
+    assert loss.shape == () and tok.shape == (0, 9)
     bwd_args = (logits.detach(), ids, lse, ent, dlogp, torch.rand((), device=logits.device),
                 torch.randn(9, device=logits.device), 0.9, -100, backend)
     torch.library.opcheck(_ops.policy_bwd, bwd_args)

@@ -260,7 +260,7 @@ def test_logp_gradient_from_elsewhere_falls_back():
         x = logits.clone().requires_grad_()
         a = mk._ops.FwdArgs(x, ids, old, adv, mask, None, None, 1, ids.numel(), 1,
                             list(mk.MHPOConfig().kernel_params()), 0.0, False, 0, 1.0, -100, False, True, False, "cpu")
-        loss, logp, _, _ = _fused_grad.policy_forward(a, 0.0, fg)
+        loss, logp, _, _, _ = _fused_grad.policy_forward(a, 0.0, fg)
         ((loss * 3.0) + (logp * g).sum()).backward()
         grads.append(x.grad)
     assert torch.equal(*grads)

@@ -52,9 +52,9 @@ ignore_index, want_entropy, ent_coef, grad) -> (logp, entropy, lse, loss, coef)`
 the device) is 1, decided on the device (no host sync). Without it: an unconditional ``mul_``.
 
 ``finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len,
-mode, params, beta, seq_level, agg, ignore_index, num_classes, check, agg_norm=None)
--> (loss, dlogp, metrics, bad)``: the O(N) rest of the policy loss after ``fwd``
-(``MODE_NONE``), one launch, deterministic (fixed reduction order):
+mode, params, beta, seq_level, agg, ignore_index, num_classes, check, agg_norm=None,
+iw=None, kl_est=0, token_out=None) -> (loss, dlogp, metrics, bad)``: the O(N) rest of the
+policy loss after ``fwd`` (``MODE_NONE``), one launch, deterministic (fixed reduction order):
 
 * per-token inputs as in ``fwd`` (``entropy``, ``mask``, ``ref`` may be None;
   ``mask=None`` is all ones; rows with ``target == ignore_index`` count as masked);
@@ -69,6 +69,18 @@ mode, params, beta, seq_level, agg, ignore_index, num_classes, check, agg_norm=N
   ``(kind, position)`` of the first target id outside ``[0, num_classes)`` that is
   not ``ignore_index`` (when ``check``) or of a bad ``cu_seqlens`` layout
   (``_finish.BAD_*``), read by the caller after the launch.
+* ``mode`` may also be ``MODE_CISPO`` (finish only, token-level): ``L = -sg(clip(r, ratio_low,
+  ratio_high)) A logp`` with ``r = exp(clamp(delta, -20, 20))``; its clip fractions have no sign
+  condition on A.
+* ``iw`` ([N], logp's dtype, or None): importance weights; an active token's loss is
+  ``iw L_pg + beta KL`` and its coefficient ``iw c_pg + beta dKL/dlogp`` (the ratio control's part
+  only; inactive rows never read it).
+* ``kl_est``: ``_constants.KL_ESTIMATORS`` id of the beta term and of ``kl_ref``, at
+  ``d = ref - logp``: k3 ``e^d - d - 1``, k1 ``-d``, k2 ``d^2 / 2``, low_var_kl k3 with ``d``
+  clamped to ±20 and the value to ±10 (derivative 0 where a clamp bites).
+* ``token_out`` (``[3, N]``, logp's dtype, or None): written entirely, rows
+  ``_constants.TOKEN_OUT``: ``w_n L_n``; the KL estimate; 1.0 where the mode's fraction metric
+  counts the token (clip / GSPO / CISPO: clipped; MHPO: survival < 0.5), else 0; 0 on inactive rows.
 
 ``vocab_start`` (vocabulary-parallel shards, :mod:`mhpo_kernels.distributed`): the
 buffer holds vocabulary ids ``[vocab_start, vocab_start + V)``; target ids are

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from .._finish import BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO
-from ..config import MODE_NONE, ClipConfig, GSPOConfig, MHPOConfig, from_kernel_params
-from ..epilogue import _clip, clip_limits, k3, mhpo_parts, token_epilogue
+from ..config import MODE_NONE, CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, from_kernel_params
+from ..epilogue import _clip, cispo_ratio, clip_limits, kl_estimate, mhpo_parts, token_epilogue
 from ..sequences import NO_NORM, Sequences
 
 _SLOT = {name: i for i, name in enumerate(METRICS)}
@@ -107,8 +107,9 @@ def _bad(target, cu_seqlens, N, num_classes, ignore_index, check):
 
 
 def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-           seq_level, agg, ignore_index, num_classes, check, agg_norm=None):
-    """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step in torch."""
+           seq_level, agg, ignore_index, num_classes, check, agg_norm=None, iw=None, kl_est=0, token_out=None):
+    """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step in torch
+    (``token_out``, when given, is filled: the contract's per-token rows)."""
     N = logp.shape[0]
     dt = logp.dtype
     zero = torch.zeros_like(logp)
@@ -124,14 +125,38 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
     cfg = _config(mode, params)
     if cfg is None:
         value = coef = zero
-        kl = None if d is None else k3(d)[0]  # the same k3 as token_epilogue's
+        kl = None if d is None else kl_estimate(d, kl_est)[0]  # the same estimate as token_epilogue's
     else:
-        value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active)
+        value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active, iw, kl_est, torch.where(active, logp, zero))
     w = seqs.weights(m, agg, NO_NORM if agg_norm is None else agg_norm)
     loss = (w * value).sum()
     dlogp = w * coef
     metrics = _metrics(cfg, delta, a, active, entropy, kl, dt)
+    if token_out is not None:
+        token_out[0] = w * value
+        token_out[1] = zero if kl is None else torch.where(active, kl, zero)
+        token_out[2] = torch.where(active, _flag(cfg, delta, a), zero)
     return loss, dlogp, metrics, _bad(target, cu_seqlens, N, num_classes, ignore_index, check)
+
+
+def _clip_flags(cfg, delta, adv):
+    """``(low, high)``: the tokens clipfrac_low / clipfrac_high count (CISPO: whatever the sign of A)."""
+    if isinstance(cfg, CISPOConfig):
+        r = cispo_ratio(delta, cfg)[0]
+        return r < cfg.ratio_low, r > cfg.ratio_high
+    lo, hi = clip_limits(cfg)
+    r = torch.exp(delta.clamp(lo, hi))
+    return (r < 1 - cfg.eps_low) & (adv < 0), (r > 1 + cfg.eps_high) & (adv > 0)
+
+
+def _flag(cfg, delta, adv):
+    """token_out's flag row: clipped (clip, GSPO, CISPO), survival < 0.5 (MHPO), else 0."""
+    if isinstance(cfg, MHPOConfig):
+        return (torch.exp(-mhpo_parts(delta, cfg)[2]) < 0.5).to(delta.dtype)
+    if isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
+        low, high = _clip_flags(cfg, delta, adv)
+        return (low | high).to(delta.dtype)
+    return torch.zeros_like(delta)
 
 
 def _metrics(cfg, delta, adv, active, entropy, kl, dt):
@@ -152,11 +177,8 @@ def _metrics(cfg, delta, adv, active, entropy, kl, dt):
         survival = torch.exp(-zeta)
         vals.update(psi_mean=mean(psi), zeta_mean=mean(zeta), survival_mean=mean(survival),
                     low_survival_frac=mean((survival < 0.5).to(dt)))
-    elif isinstance(cfg, (ClipConfig, GSPOConfig)):
-        lo, hi = clip_limits(cfg)
-        r = torch.exp(delta.clamp(lo, hi))
-        low = ((r < 1 - cfg.eps_low) & (adv < 0)).to(dt)
-        high = ((r > 1 + cfg.eps_high) & (adv > 0)).to(dt)
+    elif isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
+        low, high = (f.to(dt) for f in _clip_flags(cfg, delta, adv))
         vals.update(clipfrac_low=mean(low), clipfrac_high=mean(high), clipfrac=mean(low + high))
         if isinstance(cfg, ClipConfig) and cfg.dual_clip_c is not None:
             unclipped = _clip(delta, adv, cfg)[2]
