@@ -289,7 +289,7 @@ void scale_grad_cpu(const Tensor& grad, const Tensor& scale) {
 // loop in a fixed order (deterministic). ----
 void finish_serial(const FinishArgs& a) {
   a.bad[0] = BAD_NONE, a.bad[1] = -1;
-  for (int64_t n = 0; n < a.N; ++n) a.dlogp[n] = 0.0f;
+  for (int64_t n = 0; n < a.N; ++n) finish_zero_row(a, n);
   FinishAcc acc = finish_acc_empty();
   if (!finish_layout_ok(a)) {
     a.bad[0] = BAD_CU_SEQLENS;
@@ -326,12 +326,9 @@ void finish_serial(const FinishArgs& a) {
       const float seq_delta = safe_div_f(sum_delta, count);
       for (int64_t n = b; n < e; ++n) {
         const float m = finish_mask(a, n);
-        if (m == 0.0f) continue;  // old / adv / ref are read only on active rows
+        if (m == 0.0f) continue;  // old / adv / ref / iw are read only on active rows
         const float delta = a.seq_level ? seq_delta : a.logp[n] - a.old[n];
-        const float w = finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm);
-        a.dlogp[n] = finish_token(a.mode, a.params, a.beta, delta, a.adv[n], a.logp[n], a.ref != nullptr,
-                                  a.ref != nullptr ? a.ref[n] : 0.0f, a.entropy != nullptr,
-                                  a.entropy != nullptr ? a.entropy[n] : 0.0f, w, acc);
+        finish_row(a, n, delta, finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm), acc);
       }
     }
   }
@@ -343,12 +340,14 @@ FinishOut finish_cpu(const Tensor& logp, const std::optional<Tensor>& entropy, c
                      const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
                      const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
                      c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
-                     int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm) {
+                     int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm, const std::optional<Tensor>& iw,
+                     int64_t kl_est, const std::optional<Tensor>& token_out) {
   check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg,
-               agg_norm);
+               agg_norm, iw, kl_est, token_out);
   auto out = alloc_finish(logp);
   FinishArgs a = finish_args(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params,
-                             beta, seq_level, agg, agg_norm, ignore_index, num_classes, check, out);
+                             beta, seq_level, agg, agg_norm, ignore_index, num_classes, check, iw, kl_est, token_out,
+                             out);
   finish_serial(a);
   return out;
 }
@@ -382,9 +381,10 @@ FinishOut finish_meta(const Tensor& logp, const std::optional<Tensor>& entropy, 
                       const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
                       const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
                       c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
-                      int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm) {
+                      int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm,
+                      const std::optional<Tensor>& iw, int64_t kl_est, const std::optional<Tensor>& token_out) {
   check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg,
-               agg_norm);
+               agg_norm, iw, kl_est, token_out);
   return alloc_finish(logp);
 }
 
@@ -399,11 +399,13 @@ TORCH_LIBRARY(mhpo_kernels_C, m) {
   m.def(
       "bwd(Tensor logits, Tensor target, Tensor lse, Tensor? entropy, Tensor dlogp, Tensor? dent, "
       "float temperature, int ignore_index, Tensor(a!) out, int vocab_start=0, Tensor? scale=None) -> ()");
+  // finish's mode is named kernel_mode: torch.compile functionalizes an op with a mutable argument
+  // (token_out) through auto_functionalized, which passes the op's arguments by name beside its own "mode".
   m.def(
       "finish(Tensor logp, Tensor? entropy, Tensor old, Tensor adv, Tensor? mask, Tensor? ref, Tensor target, "
-      "Tensor? cu_seqlens, int num_seqs, int seq_len, int mode, float[] params, float beta, bool seq_level, int agg, "
-      "int ignore_index, int num_classes, bool check, float[] agg_norm) "
-      "-> (Tensor loss, Tensor dlogp, Tensor metrics, Tensor bad)");
+      "Tensor? cu_seqlens, int num_seqs, int seq_len, int kernel_mode, float[] params, float beta, bool seq_level, "
+      "int agg, int ignore_index, int num_classes, bool check, float[] agg_norm, Tensor? iw=None, int kl_est=0, "
+      "Tensor(a!)? token_out=None) -> (Tensor loss, Tensor dlogp, Tensor metrics, Tensor bad)");
   m.def(
       "fwd_grad(Tensor logits, Tensor target, Tensor old, Tensor adv, Tensor? ref, Tensor weight, int mode, "
       "float[] params, float beta, float temperature, int ignore_index, bool want_entropy, float ent_coef, "

@@ -98,13 +98,15 @@ FinishOut finish_cuda(const Tensor& logp, const std::optional<Tensor>& entropy, 
                       const std::optional<Tensor>& mask, const std::optional<Tensor>& ref, const Tensor& target,
                       const std::optional<Tensor>& cu_seqlens, int64_t num_seqs, int64_t seq_len, int64_t mode,
                       c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg, int64_t ignore_index,
-                      int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm) {
+                      int64_t num_classes, bool check, c10::ArrayRef<double> agg_norm,
+                      const std::optional<Tensor>& iw, int64_t kl_est, const std::optional<Tensor>& token_out) {
   check_finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, agg,
-               agg_norm);
+               agg_norm, iw, kl_est, token_out);
   const c10::cuda::CUDAGuard guard(logp.device());
   auto out = alloc_finish(logp);
   const FinishArgs a = finish_args(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode,
-                                   params, beta, seq_level, agg, agg_norm, ignore_index, num_classes, check, out);
+                                   params, beta, seq_level, agg, agg_norm, ignore_index, num_classes, check, iw, kl_est,
+                                   token_out, out);
   C10_CUDA_CHECK(cuda::launch_finish(a, c10::cuda::getCurrentCUDAStream(logp.get_device()).stream()));
   return out;
 }

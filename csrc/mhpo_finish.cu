@@ -51,12 +51,14 @@ __device__ FinishAcc block_merge(FinishAcc v, FinishAcc* sh) {
   return sh[0];
 }
 
-__global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
+// One block per launch (minimum 1 resident): ptxas then gives sm_80 the registers it needs
+// (with the default, it held the kernel to 48 and spilled to an 8-byte stack frame).
+__global__ void __launch_bounds__(kThreads, 1) finish_kernel(FinishArgs a) {
   __shared__ FinishAcc sh_acc[kThreads];
   __shared__ float sh_f[kThreads];
   __shared__ int64_t sh_i[kThreads];
   const int tid = threadIdx.x;
-  for (int64_t n = tid; n < a.N; n += kThreads) a.dlogp[n] = 0.0f;
+  for (int64_t n = tid; n < a.N; n += kThreads) finish_zero_row(a, n);
 
   // packed offsets: start at 0, end at N, never decrease (else nothing below reads them)
   int64_t bad_layout = 0;
@@ -129,12 +131,9 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(FinishArgs a) {
     }
     for (int64_t n = b + tid; n < e; n += kThreads) {
       const float m = finish_mask(a, n);
-      if (m == 0.0f) continue;  // old / adv / ref are read only on active rows
+      if (m == 0.0f) continue;  // old / adv / ref / iw are read only on active rows
       const float delta = a.seq_level ? seq_delta : a.logp[n] - a.old[n];
-      const float w = finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm);
-      a.dlogp[n] = finish_token(a.mode, a.params, a.beta, delta, a.adv[n], a.logp[n], a.ref != nullptr,
-                                a.ref != nullptr ? a.ref[n] : 0.0f, a.entropy != nullptr,
-                                a.entropy != nullptr ? a.entropy[n] : 0.0f, w, acc);
+      finish_row(a, n, delta, finish_weight(a.agg, a.norm, m, count, total, n_seq, t_norm), acc);
     }
   }
   acc = block_merge(acc, sh_acc);

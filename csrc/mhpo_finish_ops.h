@@ -31,7 +31,9 @@ inline void check_finish(const at::Tensor& logp, const std::optional<at::Tensor>
                          const at::Tensor& adv, const std::optional<at::Tensor>& mask,
                          const std::optional<at::Tensor>& ref, const at::Tensor& target,
                          const std::optional<at::Tensor>& cu, int64_t num_seqs, int64_t seq_len, int64_t mode,
-                         c10::ArrayRef<double> params, int64_t agg, c10::ArrayRef<double> agg_norm) {
+                         c10::ArrayRef<double> params, int64_t agg, c10::ArrayRef<double> agg_norm,
+                         const std::optional<at::Tensor>& iw, int64_t kl_est,
+                         const std::optional<at::Tensor>& token_out) {
   TORCH_CHECK(logp.dim() == 1 && logp.scalar_type() == at::kFloat && logp.is_contiguous(),
               "mhpo_kernels_C.finish: logp must be a contiguous [N] float32 tensor");
   if (entropy.has_value()) check_finish_row("entropy", *entropy, logp);
@@ -40,6 +42,16 @@ inline void check_finish(const at::Tensor& logp, const std::optional<at::Tensor>
   if (mask.has_value()) check_finish_row("mask", *mask, logp);
   if (ref.has_value()) check_finish_row("ref", *ref, logp);
   check_finish_row("target", target, logp);
+  if (iw.has_value()) check_finish_row("iw", *iw, logp);
+  if (token_out.has_value()) {
+    TORCH_CHECK(token_out->dim() == 2 && token_out->size(0) == NUM_TOKEN_OUT && token_out->size(1) == logp.size(0) &&
+                    token_out->scalar_type() == at::kFloat && token_out->is_contiguous(),
+                "mhpo_kernels_C.finish: token_out must be a contiguous [", NUM_TOKEN_OUT,
+                ", N] float32 tensor with N = ", logp.size(0), ", got ", token_out->sizes(), " ",
+                token_out->scalar_type());
+    TORCH_CHECK(token_out->device() == logp.device(), "mhpo_kernels_C.finish: token_out is on ", token_out->device(),
+                ", logp on ", logp.device());
+  }
   if (cu.has_value()) {
     TORCH_CHECK(cu->dim() == 1 && cu->size(0) >= 1 && cu->is_contiguous() &&
                     (cu->scalar_type() == at::kInt || cu->scalar_type() == at::kLong),
@@ -50,8 +62,9 @@ inline void check_finish(const at::Tensor& logp, const std::optional<at::Tensor>
                 "mhpo_kernels_C.finish: num_seqs * seq_len must be N = ", logp.size(0), ", got ", num_seqs, " * ",
                 seq_len);
   }
-  TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_GSPO, "mhpo_kernels_C.finish: unknown mode ", mode);
+  TORCH_CHECK(mode >= MODE_NONE && mode <= MODE_CISPO, "mhpo_kernels_C.finish: unknown mode ", mode);
   TORCH_CHECK(params.size() == KERNEL_PARAMS, "mhpo_kernels_C.finish: params must have ", KERNEL_PARAMS, " values");
+  TORCH_CHECK(kl_est >= KL_K3 && kl_est <= KL_LOW_VAR_KL, "mhpo_kernels_C.finish: unknown kl_est ", kl_est);
   TORCH_CHECK(agg >= 0 && agg < NUM_AGG, "mhpo_kernels_C.finish: unknown agg ", agg);
   TORCH_CHECK(agg_norm.size() == NUM_AGG_NORM, "mhpo_kernels_C.finish: agg_norm must have ", NUM_AGG_NORM, " values");
   TORCH_CHECK(agg_norm[0] >= 0 && agg_norm[1] >= 0 && agg_norm[2] >= 1,
@@ -78,7 +91,8 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
                               const std::optional<at::Tensor>& cu, int64_t num_seqs, int64_t seq_len, int64_t mode,
                               c10::ArrayRef<double> params, double beta, bool seq_level, int64_t agg,
                               c10::ArrayRef<double> agg_norm, int64_t ignore_index, int64_t num_classes, bool check,
-                              FinishOut& out) {
+                              const std::optional<at::Tensor>& iw, int64_t kl_est,
+                              const std::optional<at::Tensor>& token_out, FinishOut& out) {
   FinishArgs a{};
   a.logp = logp.const_data_ptr<float>();
   a.entropy = entropy.has_value() ? entropy->const_data_ptr<float>() : nullptr;
@@ -86,6 +100,7 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
   a.adv = adv.const_data_ptr<float>();
   a.mask = mask.has_value() ? mask->const_data_ptr<float>() : nullptr;
   a.ref = ref.has_value() ? ref->const_data_ptr<float>() : nullptr;
+  a.iw = iw.has_value() ? iw->const_data_ptr<float>() : nullptr;
   a.target = target.const_data_ptr<int64_t>();
   a.cu = cu.has_value() ? cu->const_data_ptr() : nullptr;
   a.cu_is_int64 = cu.has_value() && cu->scalar_type() == at::kLong;
@@ -95,6 +110,7 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
   a.mode = static_cast<int32_t>(mode);
   for (int i = 0; i < KERNEL_PARAMS; ++i) a.params[i] = static_cast<float>(params[i]);
   a.beta = static_cast<float>(beta);
+  a.kl_est = static_cast<int32_t>(kl_est);
   a.seq_level = seq_level;
   a.agg = static_cast<int32_t>(agg);
   a.norm = AggNorm{static_cast<float>(agg_norm[0]), static_cast<float>(agg_norm[1]), static_cast<float>(agg_norm[2])};
@@ -106,6 +122,7 @@ inline FinishArgs finish_args(const at::Tensor& logp, const std::optional<at::Te
   a.dlogp = dlogp.mutable_data_ptr<float>();
   a.metrics = metrics.mutable_data_ptr<float>();
   a.bad = bad.mutable_data_ptr<int64_t>();
+  a.tok = token_out.has_value() ? token_out->mutable_data_ptr<float>() : nullptr;
   return a;
 }
 

@@ -514,8 +514,10 @@ def test_cuda_extension_has_sm80_sm90_sass():
     assert "fwd_kernel" in sass and "bwd_kernel" in sass
 
 
-# the row kernels (csrc/mhpo_cuda.cu, csrc/mhpo_fused_grad.cu): no stack frame, no local memory
-NO_SPILL_KERNELS = ("fwd_kernel", "bwd_kernel", "fg_rows_kernel", "fg_cluster_kernel", "scale_kernel")
+# the row kernels (csrc/mhpo_cuda.cu, csrc/mhpo_fused_grad.cu) and the finishing kernel (csrc/mhpo_finish.cu):
+# no stack frame, no local memory
+NO_SPILL_KERNELS = ("fwd_kernel", "bwd_kernel", "fg_rows_kernel", "fg_cluster_kernel", "scale_kernel",
+                    "finish_kernel")
 
 
 def _by_arch_and_function(text, start):
@@ -536,8 +538,8 @@ def _by_arch_and_function(text, start):
 @pytest.mark.skipif(not CUDA_SO, reason="mhpo_kernels._C_cuda is not built")
 def test_cuda_kernels_do_not_spill():
     """Every instantiation of the row kernels (fwd, bwd, fwd_grad's cluster and two-read kernels,
-    scale_grad), sm_80 and sm_90: STACK:0 and LOCAL:0 in the SASS (ptxas spills to the stack), so a
-    spill fails CI."""
+    scale_grad) and of the finishing kernel, sm_80 and sm_90: STACK:0 and LOCAL:0 in the SASS (ptxas
+    spills to the stack), so a spill fails CI."""
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or triton) to inspect the extension")

@@ -68,12 +68,13 @@ class _Backend:
 
     @staticmethod
     def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-               seq_level, agg, ignore_index, num_classes, check, agg_norm=None):
-        """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step."""
+               seq_level, agg, ignore_index, num_classes, check, agg_norm=None, iw=None, kl_est=0, token_out=None):
+        """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64): the O(N) finishing step; writes
+        ``token_out`` ([3, N] float32) when given."""
         return torch.ops.mhpo_kernels_C.finish(
             logp, entropy, old, adv, mask, ref, target, cu_seqlens, int(num_seqs), int(seq_len), int(mode),
             [float(p) for p in params], float(beta), bool(seq_level), int(agg), int(ignore_index), int(num_classes),
-            bool(check), _NO_NORM if agg_norm is None else [float(v) for v in agg_norm],
+            bool(check), _NO_NORM if agg_norm is None else [float(v) for v in agg_norm], iw, int(kl_est), token_out,
         )
 
 
