@@ -9,11 +9,16 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+KERNEL_GROUPS = {"logits": ("fwd", "bwd"), "finish": ("finish",), "fused-grad": ("fwd_grad", "scale_grad")}
+
+
 @pytest.mark.slow
-def test_aot_compile_sm80_sm90():
+@pytest.mark.parametrize("group", KERNEL_GROUPS)
+def test_aot_compile_sm80_sm90(group):
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": ROOT}
-    r = subprocess.run([sys.executable, "-m", "mhpo_kernels.triton_kernels.aot", "--arch", "80", "90", "--jobs", "2"],
-                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+    r = subprocess.run([sys.executable, "-m", "mhpo_kernels.triton_kernels.aot", "--arch", "80", "90", "--jobs", "2",
+                        "--kernels", *KERNEL_GROUPS[group]], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failed or spilled" in r.stdout
 
@@ -24,8 +29,32 @@ def test_aot_list_has_the_fused_gradient_kernels():
 
     kernels = {c[0] for c in aot.configs()}
     assert {"fwd_grad", "scale_grad"} <= kernels, kernels
+    assert kernels == set(aot.KERNELS) == {k for g in KERNEL_GROUPS.values() for k in g}
     fg = [c for c in aot.configs() if c[0] == "fwd_grad"]
     assert {c[1] for c in fg} == set(aot.DTYPES) and {c[2]["MODE"] for c in fg} == {1, 2, 3}
+
+
+def test_aot_list_has_every_finish_variant():
+    """The finishing kernel's constexpr variants in the list compiled above: every ratio control (CISPO too)
+    with the importance weights, token_out and low_var_kl on, every KL estimator; finish-only modes
+    nowhere else."""
+    import inspect
+
+    from mhpo_kernels import _constants as C
+    from mhpo_kernels.triton_kernels import aot
+    from mhpo_kernels.triton_kernels.finish import _finish_kernel
+
+    fn = getattr(_finish_kernel, "fn", _finish_kernel)
+    cx = {n for n, p in inspect.signature(fn).parameters.items() if "constexpr" in str(p.annotation)}
+    fin = [c[2] for c in aot.configs() if c[0] == "finish"]
+    assert all(set(c) == cx for c in fin), cx
+    full = [c for c in fin if c["HAS_REF"] and c["HAS_IW"] and c["HAS_TOK"]]
+    assert {c["MODE"] for c in full} == set(C.MODES.values())
+    assert {c["KL_EST"] for c in full} == set(C.KL_ESTIMATORS.values())
+    assert {(c["HAS_IW"], c["HAS_TOK"]) for c in fin} == {(False, False), (True, True)}
+    assert not any(c["SEQ_LEVEL"] for c in fin if c["MODE"] == C.MODE_CISPO)  # token-level only
+    fwd = {c[2]["MODE"] for c in aot.configs() if c[0] in ("fwd", "fwd_grad")}
+    assert not fwd & {C.MODE_GSPO, C.MODE_CISPO}, fwd
 
 
 # Main-loop SASS instructions per logit at V = 151936 bf16 (BLOCK_V 4096, 8 warps, 16 logits per thread

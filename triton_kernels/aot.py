@@ -4,7 +4,7 @@ No GPU is needed: Triton lowers to PTX and its bundled ptxas assembles SASS;
 ``cuobjdump --dump-resource-usage`` then reports registers and local memory
 (spills). Exits non-zero on a compile error or a spill.
 
-    TRITON_INTERPRET=0 python -m mhpo_kernels.triton_kernels.aot --arch 80 90 --jobs 2
+    TRITON_INTERPRET=0 python -m mhpo_kernels.triton_kernels.aot --arch 80 90 --jobs 2 [--kernels finish]
 """
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from concurrent.futures import ProcessPoolExecutor
 from .. import _constants
 
 DTYPES = ("fp32", "bf16", "fp16")
-MODES = tuple(m for m in _constants.MODES.values() if m != _constants.MODE_GSPO)  # the forward's epilogues
+FINISH_ONLY = (_constants.MODE_GSPO, _constants.MODE_CISPO)
+MODES = tuple(m for m in _constants.MODES.values() if m not in FINISH_ONLY)  # the forward's epilogues
 ITEMSIZE = {"fp32": 4, "bf16": 2, "fp16": 2}
+KERNELS = ("fwd", "bwd", "finish", "fwd_grad", "scale_grad")
 
 
 def configs():
@@ -39,18 +41,23 @@ def configs():
         yield "bwd", dt, dict(HAS_DENT=d, HAS_SCALE=d, BLOCK_V=b), num_warps(b)
     for dt in DTYPES:  # the loss's upstream gradient without the entropy term, at the largest block
         yield "bwd", dt, dict(HAS_DENT=False, HAS_SCALE=True, BLOCK_V=top), num_warps(top)
-    # the finishing kernel: every ratio control with everything on (packed, sequence-level) and with
-    # everything off; every aggregation mode padded and packed (the "dtype" is that of cu_seqlens)
+    # the finishing kernel: every ratio control with everything on (packed, sequence-level but CISPO,
+    # importance weights, token_out, low_var_kl) and with everything off; every aggregation mode padded
+    # and packed, every KL estimator (the "dtype" is that of cu_seqlens)
     from .constants import GSPO_LOG_RATIO_LIMIT
     from .finish import FINISH_BLOCK, FINISH_WARPS
 
-    modes, mhpo = tuple(_constants.MODES.values()), _constants.MODE_MHPO
-    fin = {(m, 1, "i64", True, True) for m in modes} | {(m, 0, None, False, False) for m in modes}
-    fin |= {(mhpo, agg, cu, False, True) for agg in _constants.AGG_IDS.values() for cu in ("i32", None)}
-    for mode, agg, cu, seq, opts in sorted(fin, key=str):
+    modes, mhpo, kls = tuple(_constants.MODES.values()), _constants.MODE_MHPO, _constants.KL_ESTIMATORS
+    lvk = kls["low_var_kl"]
+    fin = {(m, 1, "i64", m != _constants.MODE_CISPO, True, lvk) for m in modes}
+    fin |= {(m, 0, None, False, False, kls["k3"]) for m in modes}
+    fin |= {(mhpo, agg, cu, False, True, lvk) for agg in _constants.AGG_IDS.values() for cu in ("i32", None)}
+    fin |= {(mhpo, 0, None, False, True, k) for k in kls.values()}
+    for mode, agg, cu, seq, opts, kl in sorted(fin, key=str):
         yield "finish", cu or "i32", dict(
             MODE=mode, HAS_ENT=opts, HAS_MASK=opts, HAS_REF=opts, HAS_CU=cu is not None, SEQ_LEVEL=seq, AGG=agg,
-            CHECK=opts, BLOCK=FINISH_BLOCK, CLIP_LIMIT=CLIP_LOG_RATIO_LIMIT, GSPO_LIMIT=GSPO_LOG_RATIO_LIMIT,
+            CHECK=opts, HAS_IW=opts, KL_EST=kl, HAS_TOK=opts, BLOCK=FINISH_BLOCK, CLIP_LIMIT=CLIP_LOG_RATIO_LIMIT,
+            GSPO_LIMIT=GSPO_LOG_RATIO_LIMIT,
         ), FINISH_WARPS
     yield from fused_grad_configs()
 
@@ -161,8 +168,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--kernels", nargs="+", choices=KERNELS, default=KERNELS, help="only these kernels")
     args = p.parse_args(argv)
-    jobs = [c + (a,) for a in args.arch for c in configs()]
+    jobs = [c + (a,) for a in args.arch for c in configs() if c[0] in args.kernels]
     failures = 0
     print(f"{'kernel':6} {'dtype':5} {'sm':>3} {'warps':>5}  {'REG':>4} {'LOCAL':>5}  constexprs")
     with ProcessPoolExecutor(args.jobs) as pool:

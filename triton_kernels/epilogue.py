@@ -7,7 +7,10 @@ C++ / CUDA twin is ``csrc/mhpo_epilogue.h``: the same formulas, except where not
 import triton
 import triton.language as tl
 
-from .constants import K3_SERIES_BELOW, MODE_CLIP, MODE_MHPO, TANH_SERIES_BELOW
+from .constants import (
+    K3_SERIES_BELOW, KL_K1, KL_K2, KL_LOW_VAR_KL, LOW_VAR_KL_D_LIMIT, LOW_VAR_KL_LIMIT, MODE_CLIP, MODE_MHPO,
+    TANH_SERIES_BELOW,
+)
 
 
 @triton.jit
@@ -111,6 +114,16 @@ def sapo_token(delta, adv, tau_pos, tau_neg, LIMIT: tl.constexpr):
 
 
 @triton.jit
+def cispo_token_parts(delta, adv, ratio_low, ratio_high, logp, LIMIT: tl.constexpr):
+    # CISPO (finishing kernel only): -sg(clamp(r, ratio_low, ratio_high)) * adv * logp with r =
+    # exp(clamp(delta, -LIMIT, LIMIT)); the clamped ratio is a stop-gradient: coef = -clamp(r) * adv.
+    # Returns (loss, coef, r < ratio_low, r > ratio_high): clipfrac's indicators (no advantage sign)
+    r = tl.exp(tl.minimum(tl.maximum(delta, -LIMIT), LIMIT))
+    c = tl.minimum(tl.maximum(r, ratio_low), ratio_high)
+    return -c * adv * logp, -c * adv, r < ratio_low, r > ratio_high
+
+
+@triton.jit
 def k3(d):
     # the k3 KL estimator e^d - d - 1 and e^d - 1 (= -d k3 / d logp) at d = ref - logp; below
     # |d| = K3_SERIES_BELOW both from k3's Taylor series (1 - e^d and e^d - d - 1 would cancel)
@@ -119,6 +132,28 @@ def k3(d):
     small = tl.abs(d) < K3_SERIES_BELOW
     em1 = tl.where(small, series + d, tl.exp(d) - 1.0)
     return tl.where(small, series, em1 - d), em1
+
+
+@triton.jit
+def kl_estimate(d, KL_EST: tl.constexpr):
+    # (kl, d kl / d logp) of the KL estimator KL_EST at d = ref - logp (finishing kernel): k3
+    # e^d - d - 1 (k3 above); k1 -d; k2 d^2 / 2; low_var_kl verl's k3 at d clamped to
+    # +-LOW_VAR_KL_D_LIMIT, the value clamped to LOW_VAR_KL_LIMIT (k3 >= 0: the lower clamp never
+    # bites), 0 derivative where a clamp bites (torch.clamp's: the gradient passes at equality)
+    if KL_EST == KL_K1:
+        kl = -d
+        dkl = tl.full(d.shape, 1.0, tl.float32)
+    elif KL_EST == KL_K2:
+        kl = 0.5 * d * d
+        dkl = -d
+    elif KL_EST == KL_LOW_VAR_KL:
+        kl, em1 = k3(tl.minimum(tl.maximum(d, -LOW_VAR_KL_D_LIMIT), LOW_VAR_KL_D_LIMIT))
+        dkl = tl.where((d >= -LOW_VAR_KL_D_LIMIT) & (d <= LOW_VAR_KL_D_LIMIT) & (kl <= LOW_VAR_KL_LIMIT), -em1, 0.0)
+        kl = tl.minimum(kl, LOW_VAR_KL_LIMIT)
+    else:
+        kl, em1 = k3(d)
+        dkl = -em1
+    return kl, dkl
 
 
 @triton.jit

@@ -4,8 +4,10 @@ over the logits, in one launch (the C++ / CUDA twin is ``csrc/mhpo_finish.h``).
 From the per-token log-probs (and entropy): the per-sequence sums, the ratio
 control's surrogate at each token's (or its sequence's) log-ratio, the
 aggregation weights, the loss, the per-token ``d loss / d logp`` that the
-backward kernel scales by the upstream gradient, every metric, and the first
-bad target id / bad ``cu_seqlens`` layout. One program: every reduction runs
+backward kernel scales by the upstream gradient, every metric, the optional
+per-token rows ``token_out`` (loss term, KL, flag), and the first bad target id
+/ bad ``cu_seqlens`` layout. The importance weights ``iw`` are read in the same
+token loop; the KL estimator ``kl_est`` is a constexpr. One program: every reduction runs
 in a fixed order (block-wide vectors, then ``tl.sum``), so the results are
 deterministic. Ids, metric slots and the parameter layout: ``mhpo_kernels._constants``
 (``constants.py`` here).
@@ -19,10 +21,12 @@ from .constants import (
     BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET,
     CLIP_LOG_RATIO_LIMIT, GSPO_LOG_RATIO_LIMIT, MET_CLIPFRAC, MET_CLIPFRAC_HIGH, MET_CLIPFRAC_LOW, MET_DUAL_CLIPFRAC,
     MET_ENTROPY_MEAN, MET_KL_OLD, MET_KL_REF, MET_LOW_SURVIVAL_FRAC, MET_PSI_MEAN, MET_RATIO_MAX, MET_RATIO_MIN,
-    MET_SURVIVAL_MEAN, MET_ZETA_MEAN, MODE_CLIP, MODE_GSPO, MODE_MHPO, MODE_SAPO, NUM_METRICS,
+    MET_SURVIVAL_MEAN, MET_ZETA_MEAN, MODE_CISPO, MODE_CLIP, MODE_GSPO, MODE_MHPO, MODE_NONE, MODE_SAPO, NUM_METRICS,
+    TOK_FLAG, TOK_KL, TOK_LOSS,
 )
 from .constants import AGG_NORM_DEFAULT
-from .epilogue import clip_fracs, clip_token_limits, k3, mhpo_token_parts, sapo_token
+from .._constants import KL_ESTIMATORS
+from .epilogue import clip_fracs, clip_token_limits, cispo_token_parts, kl_estimate, mhpo_token_parts, sapo_token
 
 FINISH_BLOCK = 128  # one warp, 4 tokens per thread: no stack frame in any shipped configuration
 FINISH_WARPS = 1
@@ -46,15 +50,22 @@ def _mask(target_ptr, mask_ptr, offs, inb, ignore_index, HAS_MASK: tl.constexpr)
     return tl.where(inb & (y != ignore_index), m, 0.0)
 
 
+@triton.jit
+def _store_row(tok_ptr, ROW: tl.constexpr, N, offs, inb, x):
+    # row ROW of token_out [NUM_TOKEN_OUT, N] (the row offset in int64: 2N may pass 2^31)
+    tl.store(tok_ptr + ROW * N.to(tl.int64) + offs, x, mask=inb)
+
+
 @triton.jit(do_not_specialize=["N", "S", "seq_len"])
 def _finish_kernel(
-    logp_ptr, ent_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, target_ptr, cu_ptr,
-    loss_ptr, dlogp_ptr, metrics_ptr, bad_ptr,
+    logp_ptr, ent_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, target_ptr, cu_ptr, iw_ptr,
+    loss_ptr, dlogp_ptr, metrics_ptr, bad_ptr, tok_ptr,
     N, S, seq_len, ignore_index, num_classes, beta,
     p0, p1, p2, p3, p4, p5, p6,
     global_count, loss_scale_factor, dp_size,
     MODE: tl.constexpr, HAS_ENT: tl.constexpr, HAS_MASK: tl.constexpr, HAS_REF: tl.constexpr,
     HAS_CU: tl.constexpr, SEQ_LEVEL: tl.constexpr, AGG: tl.constexpr, CHECK: tl.constexpr,
+    HAS_IW: tl.constexpr, KL_EST: tl.constexpr, HAS_TOK: tl.constexpr,
     BLOCK: tl.constexpr, CLIP_LIMIT: tl.constexpr, GSPO_LIMIT: tl.constexpr,
 ):
     offs0 = tl.arange(0, BLOCK)
@@ -173,7 +184,7 @@ def _finish_kernel(
             offs = n0 + offs0
             inb = offs < e
             m = _mask(target_ptr, mask_ptr, offs, inb, ignore_index, HAS_MASK)
-            act = m != 0.0  # old / adv / ref are read only on active rows
+            act = m != 0.0  # old / adv / ref / iw are read only on active rows
             lp = tl.load(logp_ptr + offs, mask=act, other=0.0)
             if SEQ_LEVEL:
                 delta = tl.where(act, seq_delta, 0.0)
@@ -191,46 +202,73 @@ def _finish_kernel(
                 w = m * dp_size * (1.0 / tl.where(n_seq == 0.0, 1.0, n_seq))
             else:
                 w = m * dp_size * (1.0 / tl.where(norm == 0.0, 1.0, norm))
+            flag = tl.zeros((BLOCK,), tl.int1)  # token_out's flag: what the mode's fraction metric counts
             if MODE == MODE_MHPO:
                 loss, coef, psi, zeta = mhpo_token_parts(delta, adv, p0, p1, p2, p3, p4, p5, p6)
                 surv = tl.exp(-zeta)
+                flag = act & (surv < 0.5)
                 a_psi += tl.where(act, psi, 0.0)
                 a_zeta += tl.where(act, zeta, 0.0)
                 a_surv += tl.where(act, surv, 0.0)
-                a_low += tl.where(act & (surv < 0.5), 1.0, 0.0)
+                a_low += tl.where(flag, 1.0, 0.0)
             elif MODE == MODE_CLIP or MODE == MODE_GSPO:
                 if MODE == MODE_CLIP:
                     loss, coef, pre, r = clip_token_limits(delta, adv, p0, p1, p2, p3, -CLIP_LIMIT, CLIP_LIMIT)
                 else:
                     loss, coef, pre, r = clip_token_limits(delta, adv, p0, p1, p2, p3, float("-inf"), GSPO_LIMIT)
                 clo, chi, dual = clip_fracs(r, adv, pre, p0, p1, p2)
+                flag = act & (clo | chi)
                 a_clo += tl.where(act & clo, 1.0, 0.0)
                 a_chi += tl.where(act & chi, 1.0, 0.0)
                 a_dual += tl.where(act & dual, 1.0, 0.0)
+            elif MODE == MODE_CISPO:
+                loss, coef, clo, chi = cispo_token_parts(delta, adv, p0, p1, lp, CLIP_LIMIT)
+                flag = act & (clo | chi)
+                a_clo += tl.where(act & clo, 1.0, 0.0)
+                a_chi += tl.where(act & chi, 1.0, 0.0)
             elif MODE == MODE_SAPO:
                 loss, coef = sapo_token(delta, adv, p0, p1, CLIP_LIMIT)
             else:
                 loss = tl.zeros((BLOCK,), tl.float32)
                 coef = tl.zeros((BLOCK,), tl.float32)
+            if HAS_TOK:  # each row stored once known: fewer live registers (no stack frame on sm_90)
+                _store_row(tok_ptr, TOK_FLAG, N, offs, inb, tl.where(flag, 1.0, 0.0))
             loss = loss.to(tl.float32)
             coef = coef.to(tl.float32)
+            if HAS_IW and MODE != MODE_NONE:  # the ratio control's part only
+                iw = tl.load(iw_ptr + offs, mask=act, other=0.0)
+                loss = loss * iw
+                coef = coef * iw
             if HAS_REF:
-                kl, em1 = k3(tl.where(act, tl.load(ref_ptr + offs, mask=act, other=0.0) - lp, 0.0))
-                a_kl += tl.where(act, kl, 0.0)
+                kl, dkl = kl_estimate(tl.where(act, tl.load(ref_ptr + offs, mask=act, other=0.0) - lp, 0.0), KL_EST)
+                kl = tl.where(act, kl, 0.0)
+                a_kl += kl
+                if HAS_TOK:
+                    _store_row(tok_ptr, TOK_KL, N, offs, inb, kl)
                 if beta != 0.0:  # with beta = 0, ref only feeds the metric
                     loss += beta * kl
-                    coef -= beta * em1
+                    coef += beta * dkl
             if HAS_ENT:
                 a_ent += tl.where(act, tl.load(ent_ptr + offs, mask=act, other=0.0), 0.0)
             a_n += tl.where(act, 1.0, 0.0)
             a_nd -= delta
             a_max = tl.where(act & ((delta > a_max) | (delta != delta)), delta, a_max)
             a_min = tl.where(act & ((delta < a_min) | (delta != delta)), delta, a_min)
-            a_loss += tl.where(act, w * loss, 0.0)
+            wl = tl.where(act, w * loss, 0.0)
+            a_loss += wl
             tl.store(dlogp_ptr + offs, tl.where(act, w * coef, 0.0), mask=inb)
-    for n0 in range(0, N - n_run, BLOCK):  # a bad layout: d loss / d logp is all 0
+            if HAS_TOK:
+                _store_row(tok_ptr, TOK_LOSS, N, offs, inb, wl)
+                if not HAS_REF:
+                    _store_row(tok_ptr, TOK_KL, N, offs, inb, tl.zeros((BLOCK,), tl.float32))
+    for n0 in range(0, N - n_run, BLOCK):  # a bad layout: d loss / d logp (and token_out) is all 0
         offs = n0 + offs0
-        tl.store(dlogp_ptr + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < N)
+        zero = tl.zeros((BLOCK,), tl.float32)
+        tl.store(dlogp_ptr + offs, zero, mask=offs < N)
+        if HAS_TOK:
+            _store_row(tok_ptr, TOK_LOSS, N, offs, offs < N, zero)
+            _store_row(tok_ptr, TOK_KL, N, offs, offs < N, zero)
+            _store_row(tok_ptr, TOK_FLAG, N, offs, offs < N, zero)
 
     n_act = tl.sum(a_n, 0)
     n = tl.maximum(n_act, 1.0)
@@ -258,8 +296,9 @@ def _finish_kernel(
 
 
 def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq_len, mode, params, beta,
-           seq_level, agg, ignore_index, num_classes, check, agg_norm=None):
-    """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64); contract: ``mhpo_kernels.backends``."""
+           seq_level, agg, ignore_index, num_classes, check, agg_norm=None, iw=None, kl_est=0, token_out=None):
+    """-> (loss 0-d, dlogp [N], metrics [13], bad [2] int64), ``token_out`` (float32 [NUM_TOKEN_OUT, N],
+    contiguous) filled when given; contract: ``mhpo_kernels.backends``."""
     N = logp.shape[0]
     dev = logp.device
     f32 = dict(device=dev, dtype=torch.float32)
@@ -269,12 +308,14 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
     _finish_kernel[(1,)](
         logp, entropy if entropy is not None else logp, old, adv, mask if mask is not None else old,
         ref if ref is not None else old, target, cu_seqlens if cu_seqlens is not None else target,
-        loss, dlogp, metrics, bad,
+        iw if iw is not None else logp, loss, dlogp, metrics, bad, token_out if token_out is not None else dlogp,
         N, S, int(seq_len), int(ignore_index), int(num_classes), float(beta),
         *[float(p) for p in params[:7]],
         *[float(v) for v in (AGG_NORM_DEFAULT if agg_norm is None else agg_norm)],
         MODE=int(mode), HAS_ENT=entropy is not None, HAS_MASK=mask is not None, HAS_REF=ref is not None,
         HAS_CU=cu_seqlens is not None, SEQ_LEVEL=bool(seq_level), AGG=int(agg), CHECK=bool(check),
+        HAS_IW=iw is not None, HAS_TOK=token_out is not None,
+        KL_EST=int(kl_est) if ref is not None else KL_ESTIMATORS["k3"],  # no ref: one compiled variant
         BLOCK=FINISH_BLOCK, CLIP_LIMIT=CLIP_LOG_RATIO_LIMIT, GSPO_LIMIT=GSPO_LOG_RATIO_LIMIT, num_warps=FINISH_WARPS,
     )
     return loss, dlogp, metrics, bad
