@@ -89,10 +89,11 @@ def mhpo_loss(
             ranks, the micro-batch losses summed (and averaged over ranks) are
             the whole batch's loss. ``dp_size > 1`` needs the mode's global count.
         ref_logprobs, beta: optional KL to a reference policy, ``+ beta * kl`` per token.
-        kl_estimator: the KL's estimator at ``d = ref - logp`` (verl's ``kl_penalty`` names):
-            "k3" (default, ``e^d - d - 1``), "k1" (``logp - ref``), "k2"
+        kl_estimator: the KL's estimator at ``d = ref - logp``: "k3" (default,
+            ``e^d - d - 1``, unclamped: GRPO's and TRL's), "k1" (``logp - ref``), "k2"
             (``(logp - ref)^2 / 2``) or "low_var_kl" (k3 with ``d`` clamped to
-            ±20 and the value to ±10, verl's). Also the ``kl_ref`` metric's.
+            ±20 and the value to ±10: verl's ``kl_penalty`` "low_var_kl", which is
+            also what verl calls "k3"). Also the ``kl_ref`` metric's.
         importance_weights: per-token weights, shape of target_ids (detached;
             never read where the mask is 0 or the id is ignored): each token's
             ratio-control loss is multiplied by its weight, the KL term and the
@@ -189,8 +190,7 @@ def policy_loss(
         ratio_control: :class:`MHPOConfig` (None = paper defaults, including
             the ablations ``use_lfm`` / ``use_dhp``), :class:`ClipConfig`
             (GRPO, DAPO clip-higher, dual-clip, TRL two-sided ``delta``),
-            :class:`SAPOConfig`, :class:`GSPOConfig` or :class:`CISPOConfig`
-            (token-level only).
+            :class:`SAPOConfig`, :class:`GSPOConfig` or :class:`CISPOConfig`.
         importance_sampling_level: "token" or "sequence" (TRL's name); None =
             "sequence" for GSPOConfig, else "token". "sequence" replaces each
             token's log-ratio by its sequence's masked mean

@@ -179,7 +179,9 @@ class CISPOConfig:
     drops the lower bound (TRL's ``loss_type="cispo"``, which clamps at
     ``max=1 + eps_high`` only; its ``epsilon_high`` is our ``1 + eps_high``,
     ScaleRL recommends ``epsilon_high=5.0``, i.e. ``eps_high=4.0``). Defaults:
-    verl's ``clip_ratio=0.2`` on both sides. Token-level only. Metrics:
+    verl's ``clip_ratio=0.2`` on both sides. ``importance_sampling_level="sequence"``
+    clips the sequence ratio instead (TRL's ``cispo`` at that level), each token keeping its
+    own ``logp``. Metrics:
     ``clipfrac_low`` (r below the lower bound), ``clipfrac_high`` (above the
     upper), ``clipfrac`` (either: verl's ``pg_clipfrac``), whatever the sign of A.
     """
@@ -227,8 +229,6 @@ def resolve_ratio_control(ratio_control, importance_sampling_level):
         raise ValueError(f"importance_sampling_level must be one of {IS_LEVELS}, got {level!r}")
     if isinstance(cfg, GSPOConfig) and level != "sequence":
         raise ValueError("GSPOConfig is sequence-level by definition; use ClipConfig for a token-level clip")
-    if isinstance(cfg, CISPOConfig) and level != "token":
-        raise ValueError("CISPOConfig is token-level only (as in verl and TRL)")
     return cfg, level
 
 

@@ -224,7 +224,7 @@ def sequence_token_loss(logp, old, adv, m, cfg):
     zero = torch.zeros_like(old)
     delta = torch.where(active, logp.detach() - old, zero)
     seq = sequence_log_ratio(delta, m)[:, None]
-    return token_loss(torch.where(active, logp - logp.detach() + seq, zero), adv, cfg)
+    return token_loss(torch.where(active, logp - logp.detach() + seq, zero), adv, cfg, torch.where(active, logp, zero))
 
 
 def _policy_loss_padded(logp, old, adv, m, ref, beta, cfg, level, loss_agg_mode, entropy, entropy_coeff=0.0,

@@ -37,6 +37,7 @@ CONTROLS = {
     "cispo": (mk.CISPOConfig(), "token"),
     "cispo_dapo": (mk.CISPOConfig(eps_low=0.2, eps_high=0.28), "token"),
     "cispo_trl": (mk.CISPOConfig(eps_low=None), "token"),  # TRL's loss_type="cispo": no lower bound
+    "cispo_seq": (mk.CISPOConfig(eps_low=None, eps_high=0.3), "sequence"),  # TRL's, importance_sampling_level
 }
 # token shape, cu_seqlens (packed: an empty sequence and a fully masked one, MASKED_SEQ)
 SHAPES = {"N29": ((29,), None), "B3T11": ((3, 11), None), "packed29": ((29,), [0, 4, 4, 13, 22, 29])}
@@ -723,8 +724,6 @@ BAD = {
     "iw_shape": (dict(importance_weights=lambda a: a["old_logprobs"][:5]), ValueError, "importance_weights has shape"),
     "iw_int": (dict(importance_weights=lambda a: a["target_ids"]), TypeError, "importance_weights must have a float"),
     "iw_list": (dict(importance_weights=lambda a: [1.0] * 29), TypeError, "importance_weights must be a torch.Tensor"),
-    "cispo_seq": (dict(ratio_control=mk.CISPOConfig(), importance_sampling_level="sequence"), ValueError,
-                  "CISPOConfig is token-level only"),
 }
 
 

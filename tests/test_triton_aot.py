@@ -52,7 +52,7 @@ def test_aot_list_has_every_finish_variant():
     assert {c["MODE"] for c in full} == set(C.MODES.values())
     assert {c["KL_EST"] for c in full} == set(C.KL_ESTIMATORS.values())
     assert {(c["HAS_IW"], c["HAS_TOK"]) for c in fin} == {(False, False), (True, True)}
-    assert not any(c["SEQ_LEVEL"] for c in fin if c["MODE"] == C.MODE_CISPO)  # token-level only
+    assert any(c["SEQ_LEVEL"] for c in fin if c["MODE"] == C.MODE_CISPO)  # TRL's sequence-level CISPO
     fwd = {c[2]["MODE"] for c in aot.configs() if c[0] in ("fwd", "fwd_grad")}
     assert not fwd & {C.MODE_GSPO, C.MODE_CISPO}, fwd
 

@@ -41,7 +41,7 @@ def configs():
         yield "bwd", dt, dict(HAS_DENT=d, HAS_SCALE=d, BLOCK_V=b), num_warps(b)
     for dt in DTYPES:  # the loss's upstream gradient without the entropy term, at the largest block
         yield "bwd", dt, dict(HAS_DENT=False, HAS_SCALE=True, BLOCK_V=top), num_warps(top)
-    # the finishing kernel: every ratio control with everything on (packed, sequence-level but CISPO,
+    # the finishing kernel: every ratio control with everything on (packed, sequence-level,
     # importance weights, token_out, low_var_kl) and with everything off; every aggregation mode padded
     # and packed, every KL estimator (the "dtype" is that of cu_seqlens)
     from .constants import GSPO_LOG_RATIO_LIMIT
@@ -49,7 +49,7 @@ def configs():
 
     modes, mhpo, kls = tuple(_constants.MODES.values()), _constants.MODE_MHPO, _constants.KL_ESTIMATORS
     lvk = kls["low_var_kl"]
-    fin = {(m, 1, "i64", m != _constants.MODE_CISPO, True, lvk) for m in modes}
+    fin = {(m, 1, "i64", True, True, lvk) for m in modes}
     fin |= {(m, 0, None, False, False, kls["k3"]) for m in modes}
     fin |= {(mhpo, agg, cu, False, True, lvk) for agg in _constants.AGG_IDS.values() for cu in ("i32", None)}
     fin |= {(mhpo, 0, None, False, True, k) for k in kls.values()}
