@@ -2,9 +2,11 @@
 verl 0.9.1 and trl 1.16.0; without them these tests skip, saying so).
 
 verl: our losses through verl's own registry (``get_policy_loss_fn``) against verl's own
-``vanilla`` / ``gspo`` / ``sapo`` on the same inputs (loss, gradient, metrics), and MHPO against
-the float64 reference aggregated by verl's own ``agg_loss``. TRL: ``MHPOGRPOTrainer`` against
-``GRPOTrainer._compute_loss`` on one batch, and a few training steps of a tiny random model.
+``vanilla`` / ``gspo`` / ``sapo`` / ``cispo`` on the same inputs (loss, gradient, metrics; rollout
+weights of both signs and zeros), MHPO against the float64 reference aggregated by verl's own
+``agg_loss``, our KL estimators against verl's ``kl_penalty``. TRL: ``MHPOGRPOTrainer`` against
+``GRPOTrainer._compute_loss`` on one batch (vLLM importance sampling included), and a few training
+steps of a tiny random model.
 """
 import importlib.util
 import os
@@ -66,6 +68,33 @@ def actor_config(global_batch_info=None, **policy_loss):
                            global_batch_info=dict(global_batch_info or {}))
 
 
+WEIGHTS = ["plain", "global+weights", "icepop", "tis_seq", "signed"]
+
+
+def rollout_weights(extras, old, mask, seed=2):
+    """verl's rollout_is_weights for a WEIGHTS case (None for "plain"): random > 0, token IcePop at
+    [0.5, 2] (zeros), sequence TIS at 2 (truncated), or of both signs (verl multiplies any)."""
+    from mhpo_kernels.integrations.rollout_correction import verl_rollout_is_weights
+
+    g = torch.Generator().manual_seed(seed)
+    rollout = old + 0.6 * torch.randn(old.shape, generator=g, dtype=old.dtype)
+    if extras == "plain":
+        return None
+    if extras == "icepop":
+        w = verl_rollout_is_weights(old, rollout, mask, "token", "0.5_2.0")
+        assert (w[mask] == 0).any() and (w[mask] > 0).any()
+        return w
+    if extras == "tis_seq":
+        w = verl_rollout_is_weights(old, rollout, mask, "sequence", 2.0)
+        assert (w[mask] == 2.0).any() and (w[mask] < 2.0).any()
+        return w
+    w = verl_case(seed)[-1]
+    if extras == "signed":
+        w = w - 1.0
+        assert (w[mask] < 0).any() and (w[mask] > 0).any()
+    return w
+
+
 def global_info(mask, dp_size=2):
     """What verl's trainer sets for a micro-batch of a larger global batch (here: this batch twice)."""
     return dict(dp_size=dp_size, batch_num_tokens=2 * int(mask.sum()),
@@ -83,18 +112,19 @@ def call(name, logp, old, adv, mask, mode, config, weights):
 
 
 @needs_verl
-@pytest.mark.parametrize("extras", ["plain", "global+weights"])
+@pytest.mark.parametrize("extras", WEIGHTS)
 @pytest.mark.parametrize("mode", VERL_MODES)
-@pytest.mark.parametrize("ours,theirs", [("mk_vanilla", "vanilla"), ("mk_gspo", "gspo"), ("mk_sapo", "sapo")])
+@pytest.mark.parametrize("ours,theirs", [("mk_vanilla", "vanilla"), ("mk_gspo", "gspo"), ("mk_sapo", "sapo"),
+                                         ("mk_cispo", "cispo")])
 def test_verl_losses_through_verl_registry(ours, theirs, mode, extras):
-    """Our ClipConfig / GSPOConfig / SAPOConfig behind verl's registry == verl's own function:
-    same config keys, aggregation (global normalisers included), rollout weights, metrics."""
+    """Our ClipConfig / GSPOConfig / SAPOConfig / CISPOConfig behind verl's registry == verl's own
+    function: same config keys, aggregation (global normalisers included), rollout weights (as
+    importance_weights), metrics."""
     import mhpo_kernels.integrations.verl  # noqa: F401
 
-    logp, old, adv, mask, weights = verl_case(seed=len(ours + mode))
-    plain = extras == "plain"
-    config = actor_config(None if plain else global_info(mask), loss_mode=ours)
-    w = None if plain else weights
+    logp, old, adv, mask, _ = verl_case(seed=len(ours + mode))
+    config = actor_config(None if extras == "plain" else global_info(mask), loss_mode=ours)
+    w = rollout_weights(extras, old, mask)
     loss, grad, metrics = call(ours, logp, old, adv, mask, mode, config, w)
     want_loss, want_grad, want_metrics = call(theirs, logp, old, adv, mask, mode, config, w)
     close(loss, want_loss, "loss")
@@ -102,8 +132,52 @@ def test_verl_losses_through_verl_registry(ours, theirs, mode, extras):
     assert set(want_metrics) <= set(metrics)
     for k, v in want_metrics.items():
         close(metrics[k], v, k)
-    if ours == "mk_vanilla":  # the case exercises both clip edges and the dual clip
-        assert 0 < want_metrics["actor/pg_clipfrac"] < 1 and 0 < want_metrics["actor/pg_clipfrac_lower"] < 1
+    if ours in ("mk_vanilla", "mk_cispo"):  # the case exercises both clip edges (and vanilla's dual clip)
+        assert 0 < want_metrics["actor/pg_clipfrac"] < 1
+        assert ours == "mk_cispo" or 0 < want_metrics["actor/pg_clipfrac_lower"] < 1
+
+
+@needs_verl
+def test_verl_cispo_config():
+    """verl's clip_ratio_low / clip_ratio_high (default clip_ratio) -> CISPOConfig; a lower bound
+    >= 1 clamps nothing (eps_low=None)."""
+    from mhpo_kernels import CISPOConfig
+    from mhpo_kernels.integrations.verl import cispo_config_from_verl
+
+    assert cispo_config_from_verl(actor_config(loss_mode="mk_cispo")) == CISPOConfig(0.2, 0.28)
+    assert cispo_config_from_verl(dict(clip_ratio=0.3)) == CISPOConfig(0.3, 0.3)
+    assert cispo_config_from_verl(dict(clip_ratio_low=1.0, clip_ratio_high=4.0)) == CISPOConfig(None, 4.0)
+
+
+@needs_verl
+@pytest.mark.parametrize("verl_name", ["k1", "kl", "k2", "mse", "k3", "low_var_kl"])
+def test_verl_kl_penalty_equals_kl_estimator(verl_name):
+    """verl's kl_penalty(logp, ref, name) == our KL_ESTIMATORS[name] (value and gradient), as the
+    per-token loss of a zero-advantage policy loss with beta = 1 (reduce=False, token-sum: mask * kl)
+    and as metrics["token_kl"]; ref - logp spans verl's +-20 clamp and its +-10 value clamp."""
+    import mhpo_kernels as mk
+    from mhpo_kernels.integrations.verl import KL_ESTIMATORS
+    from verl.trainer.ppo.core_algos import kl_penalty
+
+    g = torch.Generator().manual_seed(len(verl_name))
+    logp, old, _, mask, _ = verl_case(seed=2)
+    ref = logp + torch.empty(logp.shape, dtype=logp.dtype).uniform_(-25, 25, generator=g)
+    ref[0, :4] = logp[0, :4] + torch.tensor([-0.3, 0.2, 1e-9, 3.0], dtype=logp.dtype)  # k3's small-d branch too
+    upstream = torch.rand(logp.shape, generator=g, dtype=logp.dtype)
+
+    x = logp.clone().requires_grad_()
+    want = kl_penalty(x, ref, verl_name) * mask
+    (want * upstream).sum().backward()
+    y = logp.clone().requires_grad_()
+    out = mk.policy_loss_from_logprobs(y, y.detach(), torch.zeros_like(logp), mask, ratio_control=mk.ClipConfig(),
+                                       ref_logprobs=ref, beta=1.0, kl_estimator=KL_ESTIMATORS[verl_name],
+                                       loss_agg_mode="token-sum", reduce=False)
+    (out.loss * upstream).sum().backward()
+    close(out.loss, want, "per-token kl")
+    close(out.metrics["token_kl"], want, "token_kl")
+    close(y.grad, x.grad, "grad")
+    if verl_name in ("k3", "low_var_kl"):  # the clamps act: their gradient is 0
+        assert (want.detach() == 10).any() and (x.grad[mask] == 0).any()
 
 
 def reference_token_loss(name, logp, old, adv, mask, cfg):
@@ -114,7 +188,7 @@ def reference_token_loss(name, logp, old, adv, mask, cfg):
 
 
 @needs_verl
-@pytest.mark.parametrize("extras", ["plain", "global+weights"])
+@pytest.mark.parametrize("extras", WEIGHTS)
 @pytest.mark.parametrize("mode", VERL_MODES)
 @pytest.mark.parametrize("name", ["mhpo", "mhpo_seq"])
 def test_verl_mhpo_vs_reference(name, mode, extras):
@@ -124,16 +198,16 @@ def test_verl_mhpo_vs_reference(name, mode, extras):
     import mhpo_kernels.integrations.verl  # registers
     from verl.trainer.ppo.core_algos import agg_loss
 
-    logp, old, adv, mask, weights = verl_case(seed=len(name + mode))
-    plain = extras == "plain"
-    info = None if plain else global_info(mask)
+    logp, old, adv, mask, _ = verl_case(seed=len(name + mode))
+    info = None if extras == "plain" else global_info(mask)
     config = actor_config(info, loss_mode=name, mhpo_c=2.0, mhpo_k_pos=1.3, mhpo_lam_neg=0.9)
     cfg = mk.MHPOConfig(c=2.0, k_pos=1.3, lam_neg=0.9)
-    loss, grad, metrics = call(name, logp, old, adv, mask, mode, config, None if plain else weights)
+    weights = rollout_weights(extras, old, mask)
+    loss, grad, metrics = call(name, logp, old, adv, mask, mode, config, weights)
 
     x = logp.clone().requires_grad_()
     L = reference_token_loss(name, x, old, adv, mask, cfg)
-    want = agg_loss(L if plain else L * weights, mask, mode, **(info or {}))
+    want = agg_loss(L if weights is None else L * weights, mask, mode, **(info or {}))
     want.backward()
     close(loss, want, "loss")
     close(grad, x.grad, "grad")
@@ -187,8 +261,6 @@ def test_verl_bad_input():
     import mhpo_kernels.integrations.verl as adapter
 
     logp, old, adv, mask, weights = verl_case(seed=1)
-    with pytest.raises(ValueError, match="rollout_is_weights must be >= 0"):
-        call("mhpo", logp, old, adv, mask, "token-mean", actor_config(loss_mode="mhpo"), -weights)
     with pytest.raises(ValueError, match="shape"):
         call("mhpo", logp, old, adv, mask, "token-mean", actor_config(loss_mode="mhpo"), weights[:, :3])
     with pytest.raises(ValueError, match="batch_num_tokens is required"):
@@ -309,12 +381,22 @@ def assert_matches_grpo_trainer(trainer, inputs):
 TRL_CASES = {  # name -> MHPOGRPOConfig arguments (ratio_control="trl": TRL's own surrogate, by us)
     "grpo": dict(loss_type="grpo"),
     "bnpo_two_sided": dict(loss_type="bnpo", delta=1.5),
-    "dr_grpo": dict(loss_type="dr_grpo"),
+    "dr_grpo": dict(loss_type="dr_grpo", max_completion_length=8),  # > the batch's 6 columns: TRL divides by 8
     "dapo_clip_higher": dict(loss_type="dapo", epsilon_high=0.28),
     "sapo": dict(loss_type="sapo"),
     "gspo_kl": dict(loss_type="grpo", importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4, beta=0.04),
     "bnpo_kl_plain": dict(loss_type="bnpo", beta=0.04, use_bias_correction_kl=False),
+    "cispo": dict(loss_type="cispo", epsilon_high=1.3),
+    "cispo_kl": dict(loss_type="cispo", epsilon_high=1.3, beta=0.04),
+    "cispo_seq": dict(loss_type="cispo", epsilon_high=1.3, importance_sampling_level="sequence"),
 }
+
+
+def assert_same_metrics(trainer, names):
+    """The metrics our _compute_loss and then TRL's logged (in that order) agree."""
+    for name in names:
+        ours, theirs = trainer._metrics["train"][name][-2:]
+        close(ours, theirs, name, rtol=1e-5, atol=1e-7)
 
 
 @needs_trl
@@ -329,6 +411,44 @@ def test_trl_loss_equals_grpo_trainer(tiny_qwen, tmp_path, case):
     trainer.current_gradient_accumulation_steps = 2
     trainer.model.train()
     inputs = trl_batch(trainer, seed=len(case))
+    assert_matches_grpo_trainer(trainer, inputs)
+    if args["loss_type"] == "cispo":
+        assert_same_metrics(trainer, ["cispo_clip_ratio"])
+        if case != "cispo_seq":  # one positive-advantage sequence there: its ratio is clamped or not
+            assert 0 < trainer._metrics["train"]["cispo_clip_ratio"][-1] < 1
+
+
+@needs_trl
+@pytest.mark.parametrize("case", [
+    "grpo-token_truncate", "grpo-sequence_mask", "dr_grpo-token_mask", "cispo-sequence_truncate",
+    "dapo-token_mask+entropy+off_policy"])
+def test_trl_vllm_importance_sampling_equals_grpo_trainer(tiny_qwen, tmp_path, case):
+    """TRL's vLLM importance_sampling_ratio (built by rollout_correction.trl_importance_sampling_ratio;
+    [B, 1] in the sequence modes, as TRL passes it) reaches our loss as importance_weights, with the
+    entropy and off-policy masks: loss and gradients == GRPOTrainer._compute_loss's."""
+    from mhpo_kernels.integrations.rollout_correction import trl_importance_sampling_ratio
+
+    loss_type, rest = case.split("-")
+    mode, *extra = rest.split("+")
+    args = dict(loss_type=loss_type, vllm_importance_sampling_mode=mode, vllm_importance_sampling_clip_min=0.7,
+                vllm_importance_sampling_clip_max=1.5)
+    if loss_type == "cispo":
+        args["epsilon_high"] = 1.3
+    if extra:
+        args.update(top_entropy_quantile=0.5, off_policy_mask_threshold=0.05)
+    trainer = grpo_trainer(tiny_qwen, tmp_path, ratio_control="trl", **args)
+    trainer.use_vllm = True  # _compute_loss applies the ratio only then; nothing else here reads it
+    trainer.current_gradient_accumulation_steps = 2
+    trainer.model.train()
+    inputs = trl_batch(trainer, seed=len(case))
+    g = torch.Generator().manual_seed(7)
+    old = inputs["old_per_token_logps"]
+    inputs["sampling_per_token_logps"] = old + 0.4 * torch.randn(old.shape, generator=g)
+    ratio = trl_importance_sampling_ratio(old, inputs["sampling_per_token_logps"], inputs["completion_mask"], mode,
+                                          clip_max=1.5, clip_min=0.7)
+    active = ratio[inputs["completion_mask"].bool()]
+    assert (active == (0 if mode.endswith("mask") else 1.5)).any(), "the case reaches a bound"
+    inputs["importance_sampling_ratio"] = ratio[:, :1] if mode.startswith("sequence") else ratio
     assert_matches_grpo_trainer(trainer, inputs)
 
 
@@ -371,8 +491,10 @@ def test_trl_bad_input(tiny_qwen, tmp_path):
         MHPOGRPOConfig(output_dir=str(tmp_path), ratio_control="ppo", report_to="none", use_cpu=True, bf16=False)
     with pytest.raises(ValueError, match="c must be a finite number"):
         MHPOGRPOConfig(output_dir=str(tmp_path), mhpo_c=0.0, report_to="none", use_cpu=True, bf16=False)
-    with pytest.raises(NotImplementedError, match="loss_type='cispo'"):
-        grpo_trainer(tiny_qwen, tmp_path, loss_type="cispo")
+    with pytest.raises(NotImplementedError, match="loss_type='vespo'"):
+        grpo_trainer(tiny_qwen, tmp_path, loss_type="vespo")
+    with pytest.raises(ValueError, match="epsilon_high.*must be > 1"):
+        grpo_trainer(tiny_qwen, tmp_path, ratio_control="trl", loss_type="cispo", epsilon_high=0.28)
     with pytest.raises(NotImplementedError, match="entropy bonus"):
         grpo_trainer(tiny_qwen, tmp_path, entropy_coef=0.01)
     with pytest.raises(TypeError, match="ratio_control must be one of"):
@@ -405,3 +527,102 @@ def test_trl_trains_five_steps_with_mhpo(tiny_qwen, tmp_path):
     assert all(0 < h["mhpo/survival_mean"] <= 1 for h in logs)
     assert any(h["mhpo/psi_mean"] != 0 for h in logs), "the second iteration of a batch is off-policy"
     assert any(not torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+
+
+# ------------------------------------------------------------------------------------------ examples
+
+def switch_example():
+    """examples/switch.py as a module."""
+    spec = importlib.util.spec_from_file_location("switch_example", os.path.join(ROOT, "examples", "switch.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_examples_switch_runs():
+    """``python examples/switch.py`` runs every switch (a fresh process, CPU, no peer needed)."""
+    r = subprocess.run([sys.executable, os.path.join("examples", "switch.py")], cwd=ROOT, check=True,
+                       capture_output=True, text=True)
+    lines = [line.split() for line in r.stdout.splitlines()]
+    assert [words[0] for words in lines] == [f.__name__ for f in switch_example().SWITCHES], r.stdout
+    assert all(torch.isfinite(torch.tensor(float(words[2]))) for words in lines)
+
+
+def trl_1_16_token_loss(logp, old, adv, mask, loss_type, epsilon_high, importance_sampling_ratio=None,
+                        max_completion_length=None, normalizer=None):
+    """trl 1.16.0 GRPOTrainer._compute_loss (trl/trainer/grpo_trainer.py, lines 3084-3170), transcribed for
+    importance_sampling_level="token", epsilon=0.2, beta=0, accumulation 1, the vLLM ratio when given."""
+    advantages = adv.unsqueeze(1)
+    coef_1 = torch.exp(logp - old)
+    if loss_type == "cispo":
+        clamped_ratios = torch.clamp(coef_1, max=epsilon_high).detach()
+        per_token_loss = -clamped_ratios * advantages * logp
+    else:
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + epsilon_high)
+        per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio
+    if loss_type == "grpo":
+        return ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "dr_grpo":
+        return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_completion_length)
+    return (per_token_loss * mask).sum() / normalizer  # cispo
+
+
+def value_and_grad(fn, logp, *args, **kw):
+    x = logp.detach().clone().requires_grad_()
+    loss = fn(x, *args, **kw)
+    loss.backward()
+    return loss.detach(), x.grad
+
+
+@pytest.mark.parametrize("name", ["trl_grpo_loss", "trl_dr_grpo_loss", "trl_cispo_loss"])
+def test_examples_trl_switches_equal_trl(name):
+    """Each TRL switch of examples/switch.py == TRL's own lines (value and gradient), the vLLM ratio
+    built by TRL's own lines (tests/test_rollout_correction.py's verbatim copy)."""
+    from test_rollout_correction import trl_1_16_importance_sampling_ratio
+
+    ex = switch_example()
+    logp, old, rollout, ref, adv, mask = ex.batch(seed=len(name))
+    mask = mask.long()  # TRL's completion_mask
+    if name == "trl_grpo_loss":
+        ratio = trl_1_16_importance_sampling_ratio(old, rollout, mask, None, "sequence_mask", None, 3.0)
+        assert (ratio == 0).any() and (ratio > 0).any()
+        want = value_and_grad(trl_1_16_token_loss, logp, old, adv, mask, "grpo", 0.2, importance_sampling_ratio=ratio)
+        got = value_and_grad(ex.trl_grpo_loss, logp, old, rollout, ref, adv, mask)
+    elif name == "trl_dr_grpo_loss":
+        want = value_and_grad(trl_1_16_token_loss, logp, old, adv, mask, "dr_grpo", 0.2, max_completion_length=32)
+        got = value_and_grad(ex.trl_dr_grpo_loss, logp, old, rollout, ref, adv, mask, max_completion_length=32)
+    else:
+        old = logp.detach() - 2.5 * torch.rand(old.shape, generator=torch.Generator().manual_seed(0))
+        assert ((logp - old).exp()[mask.bool()] > 5.0).any(), "the clamp acts"
+        normalizer = mask.sum() * 2.0  # the generation batch spans two micro-batches
+        want = value_and_grad(trl_1_16_token_loss, logp, old, adv, mask, "cispo", 5.0, normalizer=normalizer)
+        got = value_and_grad(ex.trl_cispo_loss, logp, old, rollout, ref, adv, mask, normalizer)
+    close(got[0], want[0], "loss", rtol=1e-5, atol=1e-7)
+    close(got[1], want[1], "grad", rtol=1e-5, atol=1e-7)
+
+
+@needs_verl
+def test_examples_verl_switch_equals_verl():
+    """examples/switch.py's verl switch == verl's own actor loss pieces (ppo_loss in
+    verl/workers/utils/losses.py): compute_rollout_correction_weights, compute_policy_loss_cispo,
+    kl_penalty + agg_loss times kl_loss_coef (value and gradient)."""
+    from verl.trainer.ppo.core_algos import agg_loss, compute_policy_loss_cispo, kl_penalty
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_weights
+
+    ex = switch_example()
+    logp, old, rollout, ref, adv, mask = ex.batch(seed=1)
+    config = actor_config(loss_mode="cispo")  # clip_ratio_low=0.2, clip_ratio_high=0.28
+    w, _ = compute_rollout_correction_weights(old - rollout, mask, "token", 2.0)
+    assert (w[mask] == 2.0).any()
+
+    def verl_loss(x):
+        pg, _ = compute_policy_loss_cispo(old, x, adv[:, None].expand_as(x), mask, "token-mean", config,
+                                          rollout_is_weights=w)
+        return pg + agg_loss(kl_penalty(x, ref, "low_var_kl"), mask, "token-mean") * 0.001
+
+    want = value_and_grad(verl_loss, logp)
+    got = value_and_grad(ex.verl_ppo_loss, logp, old, rollout, ref, adv, mask)
+    close(got[0], want[0], "loss", rtol=1e-5, atol=1e-7)
+    close(got[1], want[1], "grad", rtol=1e-5, atol=1e-7)

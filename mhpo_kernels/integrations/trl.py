@@ -8,20 +8,21 @@ Switch a TRL script to MHPO::
 
 What stays TRL's: everything but the per-token surrogate. ``loss_type`` picks TRL's aggregation
 ("grpo", "sapo": per-sequence token means averaged over all completions; "bnpo": local token mean;
-"dr_grpo": token sum / (B * max_completion_length); "dapo", "luspo": as TRL), scaled for gradient
-accumulation as TRL scales it; ``importance_sampling_level`` ("sequence": sequence-level MHPO);
-the k3 KL to the reference model (``beta``, with ``use_bias_correction_kl``), the vLLM importance
-sampling correction, ``top_entropy_quantile`` and ``off_policy_mask_threshold`` (each a per-token
-factor on the surrogate, as in TRL). What is ours: the surrogate, from
-``MHPOGRPOConfig.ratio_control`` ("mhpo", the default, with the ``mhpo_*`` parameters, or "trl":
-TRL's own clip / SAPO surrogate for ``loss_type``), or any :class:`~mhpo_kernels.MHPOConfig` /
-:class:`~mhpo_kernels.ClipConfig` / :class:`~mhpo_kernels.SAPOConfig` / :class:`~mhpo_kernels.GSPOConfig`
+"dr_grpo": token sum / (B * max_completion_length); "dapo", "cispo", "luspo": as TRL), scaled for
+gradient accumulation as TRL scales it; ``importance_sampling_level`` ("sequence": sequence-level
+MHPO); the k3 KL to the reference model (``beta``, with ``use_bias_correction_kl``), the vLLM
+importance sampling correction, ``top_entropy_quantile`` and ``off_policy_mask_threshold``: their
+per-token factors on the surrogate go in as ``importance_weights`` (TRL's ``per_token_loss * ...``,
+the KL term untouched). What is ours: the surrogate, from ``MHPOGRPOConfig.ratio_control`` ("mhpo",
+the default, with the ``mhpo_*`` parameters, or "trl": TRL's own clip / SAPO / CISPO surrogate for
+``loss_type``), or any :class:`~mhpo_kernels.MHPOConfig` / :class:`~mhpo_kernels.ClipConfig` /
+:class:`~mhpo_kernels.SAPOConfig` / :class:`~mhpo_kernels.GSPOConfig` / :class:`~mhpo_kernels.CISPOConfig`
 passed as ``MHPOGRPOTrainer(..., ratio_control=...)``. Not supported yet (NotImplementedError):
-``loss_type`` "cispo" / "vespo", the entropy bonus (``entropy_coef``, adaptive entropy) and MoE
-aux losses. Metrics: TRL's ``entropy``, ``kl`` and, for clip controls, ``clip_ratio/low_mean``,
-``clip_ratio/high_mean``, ``clip_ratio/region_mean``; for MHPO ``mhpo/psi_mean``,
-``mhpo/zeta_mean``, ``mhpo/survival_mean``, ``mhpo/low_survival_frac`` (per-process means,
-averaged over processes).
+``loss_type`` "vespo", the entropy bonus
+(``entropy_coef``, adaptive entropy) and MoE aux losses. Metrics: TRL's ``entropy``, ``kl`` and, for
+clip controls, ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``; for
+CISPO ``cispo_clip_ratio``; for MHPO ``mhpo/psi_mean``, ``mhpo/zeta_mean``, ``mhpo/survival_mean``,
+``mhpo/low_survival_frac`` (per-process means, averaged over processes).
 """
 from __future__ import annotations
 
@@ -31,13 +32,13 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..api import policy_loss_from_logprobs
-from ..config import RATIO_CONTROLS, ClipConfig, MHPOConfig, SAPOConfig
+from ..config import CISPOConfig, ClipConfig, MHPOConfig, SAPOConfig, resolve_ratio_control
 
 __all__ = ["MHPOGRPOConfig", "MHPOGRPOTrainer", "trl_ratio_control", "mhpo_config_from_args"]
 
 _DEFAULT = MHPOConfig()
 _CLIP_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
-_AGGREGATIONS = _CLIP_LOSSES + ("sapo",)
+_AGGREGATIONS = _CLIP_LOSSES + ("sapo", "cispo")
 
 
 @dataclass
@@ -46,7 +47,7 @@ class MHPOGRPOConfig(GRPOConfig):
 
     ratio_control: str = field(default="mhpo", metadata={
         "help": "'mhpo': MHPO with the mhpo_* parameters; 'trl': TRL's own surrogate for loss_type (clip with "
-                "epsilon / epsilon_high / delta, or SAPO's gate), computed by mhpo-kernels."})
+                "epsilon / epsilon_high / delta, SAPO's gate or CISPO's clamp), computed by mhpo-kernels."})
     mhpo_c: float = field(default=_DEFAULT.c, metadata={"help": "MHPO: LFM bound c."})
     mhpo_k_pos: float = field(default=_DEFAULT.k_pos, metadata={"help": "MHPO: Weibull shape, positive shifts."})
     mhpo_lam_pos: float = field(default=_DEFAULT.lam_pos, metadata={"help": "MHPO: Weibull scale, positive shifts."})
@@ -70,12 +71,19 @@ def mhpo_config_from_args(args) -> MHPOConfig:
 
 def trl_ratio_control(args):
     """Our config for TRL's own surrogate of ``args.loss_type``: the clip (epsilon, epsilon_high,
-    two-sided ``delta``) or SAPO's gate (sapo_temperature_pos / _neg)."""
+    two-sided ``delta``), SAPO's gate (sapo_temperature_pos / _neg) or CISPO's clamp of the ratio at
+    ``epsilon_high`` (``CISPOConfig(eps_low=None, eps_high=epsilon_high - 1)``; at
+    ``importance_sampling_level="sequence"`` the sequence ratio is clamped, as in TRL)."""
+    high = args.epsilon if args.epsilon_high is None else args.epsilon_high
     if args.loss_type in _CLIP_LOSSES:
-        high = args.epsilon if args.epsilon_high is None else args.epsilon_high
         return ClipConfig(args.epsilon, high, delta=args.delta)
     if args.loss_type == "sapo":
         return SAPOConfig(args.sapo_temperature_pos, args.sapo_temperature_neg)
+    if args.loss_type == "cispo":
+        if not high > 1:
+            raise ValueError(f"loss_type='cispo' clamps the ratio at epsilon_high (ScaleRL: 5.0), which must be > 1 "
+                             f"here; got {high}")
+        return CISPOConfig(eps_low=None, eps_high=high - 1)
     raise NotImplementedError(f"loss_type={args.loss_type!r} has no mhpo-kernels surrogate yet")
 
 
@@ -94,9 +102,7 @@ class MHPOGRPOTrainer(GRPOTrainer):
         if ratio_control is None:
             ratio_control = (trl_ratio_control(self.args) if getattr(self.args, "ratio_control", "mhpo") == "trl"
                              else mhpo_config_from_args(self.args))
-        if not isinstance(ratio_control, RATIO_CONTROLS):
-            names = ", ".join(c.__name__ for c in RATIO_CONTROLS)
-            raise TypeError(f"ratio_control must be one of {names}, got {type(ratio_control).__name__}")
+        resolve_ratio_control(ratio_control, self.importance_sampling_level)  # a bad type or level raises now
         unsupported = [what for what, on in (
             (f"loss_type={self.loss_type!r}", self.loss_type not in _AGGREGATIONS),
             ("the entropy bonus (entropy_coef / adaptive entropy)", self._entropy_bonus_enabled),
@@ -107,20 +113,20 @@ class MHPOGRPOTrainer(GRPOTrainer):
         self.mhpo_backend = backend
 
     def _aggregation(self, mask, mode, inputs):
-        """(our loss_agg_mode, factor): ``factor * our loss`` is TRL's aggregation for ``self.loss_type``."""
-        B = mask.shape[0]
-        tokens = mask.sum().float()
+        """(our aggregation arguments, factor): ``factor * our loss`` is TRL's aggregation for ``self.loss_type``."""
+        B = mask.shape[0]  # TRL's sequence means run over every completion, empty ones included
         accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1.0
-        if self.loss_type in ("grpo", "sapo"):  # TRL's mean runs over every completion, empty ones included
-            return "seq-mean-token-mean", (mask.sum(-1) > 0).sum().float() / B / accumulation
+        if self.loss_type in ("grpo", "sapo"):
+            return dict(loss_agg_mode="seq-mean-token-mean", global_batch_size=B), 1.0 / accumulation
         if self.loss_type == "luspo":
-            return "seq-mean-token-sum", (mask.sum(-1) > 0).sum().float() / B / accumulation
+            return dict(loss_agg_mode="seq-mean-token-sum", global_batch_size=B), 1.0 / accumulation
         if self.loss_type == "bnpo":
-            return "token-mean", 1.0 / accumulation
-        if self.loss_type == "dr_grpo":
-            return "token-mean", tokens / (B * self.max_completion_length) / accumulation
-        normalizer = self._dapo_normalizer(mode, inputs)  # dapo
-        return "token-mean", tokens / normalizer
+            return dict(loss_agg_mode="token-mean"), 1.0 / accumulation
+        if self.loss_type == "dr_grpo":  # token sum / (B * max_completion_length)
+            return dict(loss_agg_mode="seq-mean-token-sum-norm", global_batch_size=B,
+                        loss_scale_factor=self.max_completion_length), 1.0 / accumulation
+        # dapo, cispo: token sum / a normaliser held in a tensor
+        return dict(loss_agg_mode="token-sum"), 1.0 / self._dapo_normalizer(mode, inputs)
 
     def _dapo_normalizer(self, mode, inputs):  # TRL's: num_items_in_batch spans the generation batch
         normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes
@@ -139,7 +145,7 @@ class MHPOGRPOTrainer(GRPOTrainer):
             return (per_token * mask).sum() / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":
             return (per_token * mask).sum() / (mask.shape[0] * self.max_completion_length) / accumulation
-        return (per_token * mask).sum() / self._dapo_normalizer(mode, inputs)
+        return (per_token * mask).sum() / self._dapo_normalizer(mode, inputs)  # dapo, cispo
 
     def _compute_loss(self, model, inputs):
         prompt_ids, prompt_mask = inputs["prompt_ids"], inputs["prompt_mask"]
@@ -154,26 +160,29 @@ class MHPOGRPOTrainer(GRPOTrainer):
             model, input_ids, attention_mask, completion_ids.size(1), compute_entropy=True, **multimodal)
         old = inputs.get("old_per_token_logps")
         old = per_token_logps.detach() if old is None else old
-        advantages = inputs["advantages"]
-        advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
-        # TRL's per-token factors on the surrogate; every ratio control here is positively homogeneous
-        # in A (value and gradient), so loss(A * w) == w * loss(A) for the w >= 0 below
-        factor = torch.ones_like(per_token_logps)
-        if self.top_entropy_quantile < 1.0:
-            factor = factor * self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile)
+        adv = inputs["advantages"]  # [B] or [B, T]
+        advantages = adv.unsqueeze(1) if adv.dim() == 1 else adv
+        # TRL's per-token factors on the surrogate (per_token_loss * factor, before the KL is added)
+        factors = []
         if self.off_policy_mask_threshold is not None:
             sampling = inputs.get("sampling_per_token_logps", old)
-            factor = factor * self.get_off_policy_mask(advantages, per_token_logps, sampling, mask,
-                                                       self.off_policy_mask_threshold)
+            factors.append(self.get_off_policy_mask(advantages, per_token_logps, sampling, mask,
+                                                    self.off_policy_mask_threshold))
+        if self.top_entropy_quantile < 1.0:
+            factors.append(self.get_high_entropy_mask(entropies, mask, 1 - self.top_entropy_quantile))
         if self.use_vllm and self.vllm_importance_sampling_correction:
-            factor = factor * inputs["importance_sampling_ratio"]
-        adv = (advantages * factor).detach()
+            factors.append(inputs["importance_sampling_ratio"])  # [B, T], or [B, 1] in the sequence modes
+        weights = None
+        for f in factors:
+            weights = f if weights is None else weights * f
+        if weights is not None:  # the masks alone are TRL's integer / bool masks
+            weights = (weights if weights.is_floating_point() else weights.float()).expand(per_token_logps.shape)
 
         mode = "train" if self.model.training else "eval"
         agg, scale = self._aggregation(mask, mode, inputs)
         out = policy_loss_from_logprobs(per_token_logps, old, adv, mask, ratio_control=self.ratio_control,
                                         importance_sampling_level=self.importance_sampling_level,
-                                        loss_agg_mode=agg, backend=self.mhpo_backend)
+                                        importance_weights=weights, backend=self.mhpo_backend, **agg)
         loss = out.loss * scale
         if self.beta != 0.0:
             ref = inputs["ref_per_token_logps"]
@@ -184,10 +193,18 @@ class MHPOGRPOTrainer(GRPOTrainer):
                     log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
                 per_token_kl = per_token_kl * torch.exp(log_ratio)
             loss = loss + self.beta * self._trl_aggregate(per_token_kl, mask, mode, inputs)
-        self._log_mhpo_metrics(mode, out.metrics, entropies, per_token_kl if self.beta != 0.0 else None, mask)
+        cispo_clipped = None
+        if isinstance(self.ratio_control, CISPOConfig):  # TRL's cispo_clip_ratio: above the clamp where A > 0
+            with torch.no_grad():
+                log_ratio = per_token_logps - old
+                if self.importance_sampling_level == "sequence":
+                    log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+                cispo_clipped = (log_ratio.exp() > self.ratio_control.ratio_high) & (advantages > 0)
+        self._log_mhpo_metrics(mode, out.metrics, entropies, per_token_kl if self.beta != 0.0 else None, mask,
+                               cispo_clipped)
         return loss
 
-    def _log_mhpo_metrics(self, mode, metrics, entropies, per_token_kl, mask):
+    def _log_mhpo_metrics(self, mode, metrics, entropies, per_token_kl, mask, cispo_clipped=None):
         def global_masked_mean(x):  # TRL's token-weighted mean over every process
             totals = self.accelerator.reduce(torch.stack([(x * mask).sum(), mask.sum().float()]), reduction="sum")
             return (totals[0] / totals[1].clamp(min=1.0)).item()
@@ -195,6 +212,9 @@ class MHPOGRPOTrainer(GRPOTrainer):
         if per_token_kl is not None:
             self._metrics[mode]["kl"].append(global_masked_mean(per_token_kl.detach()))
         self._metrics[mode]["entropy"].append(global_masked_mean(entropies.detach()))
+        if cispo_clipped is not None:
+            self._metrics[mode]["cispo_clip_ratio"].append(global_masked_mean(cispo_clipped.float()))
+            return
         names = {"clipfrac_low": "clip_ratio/low_mean", "clipfrac_high": "clip_ratio/high_mean",
                  "clipfrac": "clip_ratio/region_mean"}
         if isinstance(self.ratio_control, MHPOConfig):

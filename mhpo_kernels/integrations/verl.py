@@ -10,8 +10,9 @@ name          loss
 ============  ==========================================================================
 ``mhpo``      MHPO, token-level ratio (:class:`~mhpo_kernels.MHPOConfig`)
 ``mhpo_seq``  MHPO of the sequence log-ratio (``importance_sampling_level="sequence"``)
-``mk_vanilla`` / ``mk_gspo`` / ``mk_sapo``  verl's ``vanilla`` / ``gspo`` / ``sapo`` (same config
-              keys, same loss, gradient and metrics), computed by this package: an A/B baseline
+``mk_vanilla`` / ``mk_gspo`` / ``mk_sapo`` / ``mk_cispo``  verl's ``vanilla`` / ``gspo`` / ``sapo`` /
+              ``cispo`` (same config keys, same loss, gradient and metrics), computed by this
+              package: an A/B baseline
 ============  ==========================================================================
 
 Switch a verl run to MHPO (every Ray worker imports the module through verl's own hook)::
@@ -29,11 +30,16 @@ verl's ``PolicyLossConfig`` rejects unknown keys, so name this module's subclass
 Conventions (all verl's): ``loss_agg_mode`` is the actor's, with verl's ``token-sum`` and its
 global normalisers ``config.global_batch_info`` (``dp_size``, ``batch_num_tokens``,
 ``global_batch_size``, ``loss_scale_factor``) applied exactly as ``agg_loss`` applies them, so
-micro-batch losses add up to verl's mini-batch loss. ``rollout_is_weights`` multiply each token's
-loss (verl's rollout correction); they must be >= 0 on the response tokens. The metrics are verl's
-``actor/pg_clipfrac``, ``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (the clip fractions are 0 for
-MHPO and SAPO, as verl reports them for SAPO) plus, for MHPO, ``actor/mhpo_psi_mean``,
-``actor/mhpo_zeta_mean``, ``actor/mhpo_survival_mean``, ``actor/mhpo_low_survival_frac``.
+micro-batch losses add up to verl's mini-batch loss. ``rollout_is_weights`` (verl's rollout
+correction) go in as ``importance_weights``: each token's policy loss times its weight, as verl's
+``pg_losses * rollout_is_weights`` (any sign). The metrics are verl's ``actor/pg_clipfrac``,
+``actor/ppo_kl``, ``actor/pg_clipfrac_lower`` (the clip fractions are 0 for MHPO and SAPO, as verl
+reports them for SAPO; the lower one 0 for CISPO, as verl's) plus, for MHPO,
+``actor/mhpo_psi_mean``, ``actor/mhpo_zeta_mean``, ``actor/mhpo_survival_mean``,
+``actor/mhpo_low_survival_frac``.
+
+verl adds its KL loss (``use_kl_loss``, ``kl_loss_type``) outside the policy loss; for a KL term
+computed by this package, :data:`KL_ESTIMATORS` maps verl's ``kl_loss_type`` to ``kl_estimator``.
 """
 from __future__ import annotations
 
@@ -46,17 +52,20 @@ from verl.workers.config import PolicyLossConfig
 
 from .._inputs import LOSS_AGG_MODES, SEQ_MODES
 from ..api import policy_loss_from_logprobs
-from ..config import ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
+from ..config import CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
 
 __all__ = [
-    "MHPOPolicyLossConfig", "MHPO_KEYS", "mhpo_config_from_verl", "clip_config_from_verl", "gspo_config_from_verl",
-    "sapo_config_from_verl", "make_policy_loss", "register",
+    "MHPOPolicyLossConfig", "MHPO_KEYS", "KL_ESTIMATORS", "mhpo_config_from_verl", "clip_config_from_verl",
+    "gspo_config_from_verl", "sapo_config_from_verl", "cispo_config_from_verl", "make_policy_loss", "register",
 ]
 
 # policy_loss sub-config key -> MHPOConfig field
 MHPO_KEYS = {"mhpo_c": "c", "mhpo_k_pos": "k_pos", "mhpo_lam_pos": "lam_pos", "mhpo_k_neg": "k_neg",
              "mhpo_lam_neg": "lam_neg", "mhpo_use_lfm": "use_lfm", "mhpo_use_dhp": "use_dhp"}
 _DEFAULT = MHPOConfig()
+# verl's kl_penalty / kl_loss_type name -> our kl_estimator (same value and gradient; verl's "k3" is
+# its clamped low_var_kl; "abs", "full" and the straight-through "k1+" / "k3+" have no equivalent)
+KL_ESTIMATORS = {"kl": "k1", "k1": "k1", "mse": "k2", "k2": "k2", "k3": "low_var_kl", "low_var_kl": "low_var_kl"}
 
 
 @dataclass
@@ -118,6 +127,14 @@ def sapo_config_from_verl(config) -> SAPOConfig:
     return SAPOConfig(_get(config, "tau_pos", 1.0), _get(config, "tau_neg", 1.05))
 
 
+def cispo_config_from_verl(config) -> CISPOConfig:
+    """verl ``cispo``: the ratio clamped to [1 - clip_ratio_low, 1 + clip_ratio_high] (default clip_ratio);
+    clip_ratio_low >= 1 bounds nothing (the ratio is > 0): ``eps_low=None``."""
+    _need(config, "cispo")
+    low, high = _clip_range(config)
+    return CISPOConfig(low if low < 1 else None, high)
+
+
 def _aggregation(loss_agg_mode, info) -> dict:
     """verl 0.9.1's ``agg_loss`` normalisers from ``global_batch_info``, as this package's keyword
     arguments: the same modes and the same math (``loss_scale_factor`` None is T in both)."""
@@ -136,8 +153,8 @@ def _aggregation(loss_agg_mode, info) -> dict:
 def _metric_names(cfg):
     """verl metric name -> our metric name (None: verl's constant 0 for this loss)."""
     names = {"actor/pg_clipfrac": None, "actor/ppo_kl": "kl_old", "actor/pg_clipfrac_lower": None}
-    if isinstance(cfg, (ClipConfig, GSPOConfig)):
-        names["actor/pg_clipfrac"] = "clipfrac"  # verl's gt(pg_losses2, pg_losses1): the clip cuts the gradient
+    if isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
+        names["actor/pg_clipfrac"] = "clipfrac"  # clip / GSPO: verl's gt(pg_losses2, pg_losses1); CISPO: ratio != clip
     if isinstance(cfg, ClipConfig) and cfg.dual_clip_c is not None:
         names["actor/pg_clipfrac_lower"] = "dual_clipfrac"
     if isinstance(cfg, MHPOConfig):
@@ -151,7 +168,7 @@ def make_policy_loss(ratio_control: Callable, importance_sampling_level: str = "
 
     Args:
         ratio_control: actor config -> :class:`MHPOConfig` / :class:`ClipConfig` / :class:`SAPOConfig` /
-            :class:`GSPOConfig` (e.g. :func:`mhpo_config_from_verl`), or one fixed config.
+            :class:`GSPOConfig` / :class:`CISPOConfig` (e.g. :func:`mhpo_config_from_verl`), or one fixed config.
         importance_sampling_level: "token" or "sequence", as in :func:`mhpo_kernels.policy_loss`.
         loss_agg_mode: None: the caller's; a name: always that one (verl's ``sapo`` forces
             "seq-mean-token-mean").
@@ -165,26 +182,16 @@ def make_policy_loss(ratio_control: Callable, importance_sampling_level: str = "
         cfg = build(config)
         mode = loss_agg_mode if fixed_mode is None else fixed_mode
         agg = _aggregation(mode, _get(config, "global_batch_info", None))
-        adv, bad_weight = advantages, None
-        if rollout_is_weights is not None:
-            w = rollout_is_weights.detach()
-            if w.shape != log_prob.shape:
-                raise ValueError(f"rollout_is_weights has shape {tuple(w.shape)}, expected {tuple(log_prob.shape)}")
-            # every ratio control here is positively homogeneous in A (value and gradient):
-            # loss(A * w) == w * loss(A) for w >= 0, which is verl's pg_losses * rollout_is_weights
-            adv = advantages * w
-            bad_weight = ((w < 0) & (response_mask != 0)).any()
-        out = policy_loss_from_logprobs(log_prob, old_log_prob, adv, response_mask, ratio_control=cfg,
+        if rollout_is_weights is not None and rollout_is_weights.shape != log_prob.shape:
+            raise ValueError(f"rollout_is_weights has shape {tuple(rollout_is_weights.shape)}, "
+                             f"expected {tuple(log_prob.shape)}")
+        out = policy_loss_from_logprobs(log_prob, old_log_prob, advantages, response_mask, ratio_control=cfg,
                                         importance_sampling_level=importance_sampling_level, backend=backend,
-                                        **agg)
+                                        importance_weights=rollout_is_weights, **agg)
         names = _metric_names(cfg)
         zero = out.loss.new_zeros(())
         stats = [out.metrics[k].float() if k else zero.float() for k in names.values()]
-        if bad_weight is not None:
-            stats.append(bad_weight.float())
         values = torch.stack(stats).tolist()  # one host sync for every metric (verl wants floats)
-        if bad_weight is not None and values.pop():
-            raise ValueError("rollout_is_weights must be >= 0 on the response tokens")
         return out.loss, dict(zip(names, values))
 
     policy_loss_fn.__name__ = policy_loss_fn.__qualname__ = "mhpo_kernels_policy_loss"
@@ -211,3 +218,4 @@ register("mhpo_seq", importance_sampling_level="sequence")
 register("mk_vanilla", clip_config_from_verl)
 register("mk_gspo", gspo_config_from_verl, "sequence")
 register("mk_sapo", sapo_config_from_verl, loss_agg_mode="seq-mean-token-mean")
+register("mk_cispo", cispo_config_from_verl)
