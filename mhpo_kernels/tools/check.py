@@ -59,6 +59,11 @@ def _cases(quick: bool, large: bool):
         ("B=2 T=19 V=4099 fp16 T=0.7 KL ent seq-mean", (2, 19), 4099, torch.float16,
          dict(temperature=0.7, loss_agg_mode="seq-mean-token-mean", beta=0.05, return_entropy=True)),
         ("N=64 V=32781 bf16", (64,), 32781, torch.bfloat16, {}),
+        # the finishing step's per-token inputs and outputs (rollout weights, KL estimator, per-token
+        # terms, CISPO); the first one keeps the fused-gradient forward (weights folded into w)
+        ("N=61 V=8191 bf16 IS-weights", (61,), 8191, torch.bfloat16, dict(importance_weights=True)),
+        ("B=3 T=17 V=2053 fp32 CISPO IS-weights low_var_kl per-token", (3, 17), 2053, torch.float32,
+         dict(ratio_control="cispo", beta=0.05, kl_estimator="low_var_kl", reduce=False, importance_weights=True)),
     ]
     if quick:
         cases = cases[:2]
@@ -79,9 +84,10 @@ def _make(shape, V, dtype, device, seed, kw):
     adv = torch.randn(shape, generator=g)
     mask = (torch.rand(shape, generator=g) > 0.15).float()
     ref = (logp + 0.2 * torch.randn(shape, generator=g)) if kw.get("beta") else None
-    upstream = torch.randn((), generator=g).abs() + 0.5
+    upstream = torch.randn(shape if kw.get("reduce") is False else (), generator=g).abs() + 0.5
+    iw = torch.rand(shape, generator=g) * 2 if kw.get("importance_weights") else None
     to = lambda t: None if t is None else t.to(device)
-    return to(logits), to(ids), to(old), to(adv), to(mask), to(ref), float(upstream)
+    return to(logits), to(ids), to(old), to(adv), to(mask), to(ref), to(upstream), to(iw)
 
 
 def _err(actual, expected, atol_rel, rtol):
@@ -96,18 +102,25 @@ def _err(actual, expected, atol_rel, rtol):
 
 
 def _run_backend(mk, backend, logits, ids, old, adv, mask, ref, upstream, kw, device, timed=True,
-                 fused_gradient=None):
+                 fused_gradient=None, iw=None):
     from .bench_utils import PeakMemory, sync
 
     x = logits.detach().clone().requires_grad_(True)
-    fn = mk.reference.mhpo_loss if backend == "reference" else mk.mhpo_loss
+    kw = dict(kw)
+    if kw.pop("ratio_control", None) == "cispo":  # policy_loss with CISPO, else mhpo_loss
+        fn = mk.reference.policy_loss if backend == "reference" else mk.policy_loss
+        kw["ratio_control"] = mk.CISPOConfig(0.2, 0.28)
+    else:
+        fn = mk.reference.mhpo_loss if backend == "reference" else mk.mhpo_loss
+    if kw.pop("importance_weights", None):
+        kw["importance_weights"] = iw
     extra = {} if backend == "reference" else {"backend": backend}
     if fused_gradient is not None:
         extra["fused_gradient"] = fused_gradient
     def call():
         x.grad = None
         out = fn(x, ids, old, adv, mask, ref_logprobs=ref, **kw, **extra)
-        (out.loss * upstream + (0.01 * out.entropy.sum() if out.entropy is not None else 0.0)).backward()
+        ((out.loss * upstream).sum() + (0.01 * out.entropy.sum() if out.entropy is not None else 0.0)).backward()
         sync(device)
         return out
 
@@ -166,10 +179,11 @@ def main(argv=None) -> int:
     rows, notes, failed = [], [], False
     t_start = time.perf_counter()
     for ci, (label, shape, V, dtype, kw) in enumerate(_cases(args.quick, not args.no_large)):
-        logits, ids, old, adv, mask, ref, up = _make(shape, V, dtype, device, ci, kw)
+        logits, ids, old, adv, mask, ref, up, iw = _make(shape, V, dtype, device, ci, kw)
+        dbl = lambda t: None if t is None else t.double()
         truth, gtruth, _, _ = _run_backend(mk, "reference", logits.double(), ids, old.double(), adv.double(),
-                                           mask.double(), None if ref is None else ref.double(), up, kw, device,
-                                           timed=False)
+                                           mask.double(), dbl(ref), up.double(), kw, device, timed=False,
+                                           iw=dbl(iw))
         gtol = GRAD_TOL[dtype]
         for b, fused in runs:
             name = b if fused is None else f"{b} fused-grad"
@@ -182,7 +196,7 @@ def main(argv=None) -> int:
                 continue
             try:
                 out, grad, ms, peak = _run_backend(mk, b, logits, ids, old, adv, mask, ref, up, kw, device,
-                                                   fused_gradient=fused)
+                                                   fused_gradient=fused, iw=iw)
             except Exception as e:  # a crash is a failure, reported in the table
                 failed = True
                 rows.append([label, name, "-", "-", "-", "-", "-", f"FAIL: {type(e).__name__}: {e}"[:120]])
