@@ -177,6 +177,49 @@ def test_policy_loss(control, agg, packed):
     assert total(c) <= 12 and c[SYNC] == 0, c
 
 
+FINISH_INPUTS = {  # the finishing launch reads / writes them: no pass of their own
+    "importance_weights": lambda w, up: dict(importance_weights=w),
+    "kl_estimator": lambda w, up: dict(kl_estimator="low_var_kl"),
+    "cispo": lambda w, up: dict(ratio_control=mk.CISPOConfig(0.2, 0.28)),
+    "reduce_false": lambda w, up: dict(reduce=False),
+    "all": lambda w, up: dict(importance_weights=w, kl_estimator="k2", ratio_control=mk.CISPOConfig(), reduce=False),
+}
+
+
+@pytest.mark.parametrize("case", list(FINISH_INPUTS))
+def test_finish_inputs_add_no_pass(case):
+    """importance_weights, kl_estimator, CISPO and reduce=False cost no op of their own on the two-kernel path:
+    the same count as the call without them, plus one with reduce=False (the per-token upstream gradient times
+    d loss / d logp, which a 0-d upstream gradient does inside the backward launch)."""
+    logits, ids, old, adv, mask, extra = inputs(ref=True)
+    w, up = torch.rand(N), torch.rand(N)
+    x = logits.detach().requires_grad_(True)
+    kw = dict(backend="cpu", fused_gradient=False, **extra)
+
+    def step(**more):
+        def run():
+            x.grad = None
+            out = mk.policy_loss(x, ids, old, adv, mask, **kw, **more)
+            torch.autograd.backward(out.loss, up if out.loss.dim() else None)
+        return run
+    base = count_ops(step())
+    more = FINISH_INPUTS[case](w, up)
+    c = count_ops(step(**more))
+    assert total(c) <= total(base) + (0 if more.get("reduce", True) else 1), (c, base)
+    assert c[SYNC] == base[SYNC] == 1, c
+
+
+def test_importance_weights_keep_the_fused_gradient_forward():
+    """Importance weights alone (no KL term, no entropy bonus) fold into the aggregation weights' launch:
+    the forward that writes the gradient runs with the same op count as without them."""
+    logits, ids, old, adv, mask, _ = inputs()
+    base = count_ops(fwd_bwd(mk.policy_loss, logits, ids, old, adv, mask, backend="cpu", fused_gradient=True))
+    c = count_ops(fwd_bwd(mk.policy_loss, logits, ids, old, adv, mask, backend="cpu", fused_gradient=True,
+                          importance_weights=torch.rand(N)))
+    assert c["mhpo_kernels_C::fwd_grad"] == 1, c
+    assert total(c) == total(base), (c, base)
+
+
 @pytest.mark.parametrize("entropy", [False, True])
 def test_token_logprobs(entropy):
     logits, ids, *_ = inputs()
