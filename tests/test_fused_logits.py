@@ -8,6 +8,7 @@ verl 0.9.1 and trl 1.16.0; without them these skip): against verl's and TRL's ow
 engines wrap the entropy.
 """
 import collections
+import contextlib
 import gc
 import importlib.util
 import sys
@@ -278,6 +279,57 @@ def test_patch_rebinds_and_undo_restores(monkeypatch):
     assert user.logprobs_from_logits is orig
 
 
+# ---------------------------------------------------------------------- TRL's fused LM head, no peer
+
+
+def head_case(N, H, V, dtype, seed=0, bias=True):
+    """``(hidden, weight, bias, targets)`` of an lm_head with logits of a few units."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, H, generator=g).to(dtype)
+    w = (0.4 * torch.randn(V, H, generator=g)).to(dtype)
+    b = (0.5 * torch.randn(V, generator=g)).to(dtype) if bias else None
+    return h, w, b, torch.randint(0, V, (N,), generator=g)
+
+
+def head_grads(fn, h, w, b, seed=1):
+    """``(outputs that are not None, grads of sum(r * outputs) w.r.t. hidden, weight, bias)``, r random."""
+    xs = [None if t is None else t.detach().clone().requires_grad_() for t in (h, w, b)]
+    outs = [o for o in fn(*xs) if o is not None]
+    g = torch.Generator().manual_seed(seed)
+    sum((torch.randn(o.shape, generator=g, dtype=torch.float64) * o.double()).sum() for o in outs).backward()
+    return [o.detach() for o in outs], [x.grad for x in xs if x is not None]
+
+
+def head_ref(h, w, b, y, T):
+    """float64 ``(log_softmax(z / T)[y], entropy of softmax(z / T))`` of ``z = h @ w.T + b``: TRL's math."""
+    lp = F.log_softmax(F.linear(h.double(), w.double(), None if b is None else b.double()) / T, -1)
+    return lp.gather(-1, y[:, None])[:, 0], -(lp.exp() * lp).sum(-1)
+
+
+def close_grads(got, want, what, rtol):
+    for name, g, e in zip(("hidden", "weight", "bias"), got, want):
+        close(g, e, f"{what}: grad {name}", rtol=rtol, atol=rtol * e.abs().max().item())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trl_head_matches_float64(dtype, bias):
+    """The tiles behind a rerouted TRL head: log-probs and entropy at temperature 0.7, and their
+    gradients w.r.t. hidden, weight and bias, against float64 (bf16: its logits' rounding)."""
+    h, w, b, y = head_case(23, 16, 1009, dtype, bias=bias)
+    outs, got = head_grads(lambda *x: fl.trl_chunked_logprobs(*x, y, 0.7, 32768, None, 1.0, ("log_probs", "entropy")),
+                           h, w, b)
+    want, exact = head_grads(lambda *x: head_ref(*x, y, 0.7), h, w, b)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)
+    for o, e, what in zip(outs, want, ("log_probs", "entropy")):
+        assert o.dtype == torch.float32 and o.shape == (23,)
+        close(o, e, what, **tol)
+    close_grads(got, exact, "fused head", 1e-5 if dtype == torch.float32 else 3e-2)
+    lp, ent, *rest = fl.trl_chunked_logprobs(h, w, b, y, 0.7, 32768, None, 1.0, ("log_probs",))
+    assert ent is None and rest == [None, None, None]
+    close(lp, want[0], "log_probs only", **tol)
+
+
 # ---------------------------------------------------------------------- peak memory
 
 
@@ -467,3 +519,124 @@ def test_compiled_entropy_matches_eager():
     assert h.dtype == torch.bfloat16
     close(h, h0, "entropy", rtol=0, atol=0)
     close(g, g0, "grad", **BF16_GRAD)
+
+
+@pytest.mark.slow
+@needs_trl
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_trl_head_matches_trl(dtype, bias):
+    """The rerouted head's call against TRL's ``_ChunkedLogProbFunction`` on the same arguments (both
+    outputs' gradients w.r.t. hidden, weight, bias; log-probs only as TRL's reference-model head)."""
+    import trl.trainer.utils as tU
+
+    h, w, b, y = head_case(23, 16, 1009, dtype, seed=6, bias=bias)
+    for outputs in (("log_probs", "entropy"), ("log_probs",)):
+        args = (y, 0.7, 32768, None, 1.0, outputs)
+        outs, got = head_grads(lambda *x, a=args: fl.trl_chunked_logprobs(*x, *a), h, w, b)
+        theirs, want = head_grads(lambda *x, a=args: tU._ChunkedLogProbFunction.apply(*x, *a), h, w, b)
+        assert len(outs) == len(theirs) == len(outputs)
+        for o, e, what in zip(outs, theirs, outputs):
+            close(o, e, what, **({} if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)))  # bf16 logits
+        close_grads(got, want, str(outputs), 1e-5 if dtype == torch.float32 else 3e-2)
+
+
+@pytest.fixture
+def trl_head_calls(monkeypatch):
+    """Counts the calls of TRL's ``_ChunkedLogProbFunction.apply`` (through trl.trainer.utils)."""
+    import trl.trainer.utils as tU
+
+    real, calls = tU._ChunkedLogProbFunction, []
+
+    class Spy:
+        @staticmethod
+        def apply(*a):
+            calls.append(a[6:])  # softcap, logit_scale, outputs
+            return real.apply(*a)
+
+    monkeypatch.setattr(tU, "_ChunkedLogProbFunction", Spy)
+    return calls
+
+
+FALLBACKS = {  # name -> (hidden, weight, bias, targets, args after the targets, backend) -> the same, changed
+    "softcap": lambda h, w, b, y, a, be: (h, w, b, y, a[:2] + (30.0,) + a[3:], be),
+    "logit_scale": lambda h, w, b, y, a, be: (h, w, b, y, a[:3] + (2.0,) + a[4:], be),
+    "is_top1": lambda h, w, b, y, a, be: (h, w, b, y, a[:4] + (a[4] + ("is_top1",),), be),
+    "reference": lambda h, w, b, y, a, be: (h, w, b, y, a, "reference"),
+    "float64": lambda h, w, b, y, a, be: (h.double(), w.double(), b.double(), y, a, be),
+    "no_rows": lambda h, w, b, y, a, be: (h[:0], w, b, y[:0], a, be),
+}
+ROUTED = {"routed": lambda *c: c,  # autocast's dtype is the head's: the hidden states go in cast, as TRL's
+          "routed_autocast": lambda h, w, b, y, a, be: (h, w.bfloat16(), b.bfloat16(), y, a, be)}
+
+
+@pytest.mark.slow
+@needs_trl
+@pytest.mark.parametrize("case", sorted(FALLBACKS) + ["autocast_bf16", "zero3"] + sorted(ROUTED))
+def test_trl_head_falls_back_to_trl(case, trl_head_calls, monkeypatch):
+    """Where the tiles here would not be exact (or cannot run), the call is TRL's own function's,
+    unchanged; else TRL's is never called."""
+    import trl.trainer.utils as tU
+
+    h, w, b, y = head_case(9, 8, 131, torch.float32, seed=7)
+    call = (h, w, b, y, (0.8, 32768, None, 1.0, ("log_probs", "entropy")), "auto")
+    call = {**FALLBACKS, **ROUTED}.get(case, lambda *c: c)(*call)
+    autocast = case in ("autocast_bf16", "routed_autocast")
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    if case == "zero3":
+        monkeypatch.setattr(fl, "_zero3", lambda: True)
+    *tensors, args, backend = call
+    with ctx:
+        got = fl.trl_chunked_logprobs(*tensors, *args, backend=backend)
+    assert len(trl_head_calls) == (0 if case in ROUTED else 1)
+    with ctx:
+        want = tU._ChunkedLogProbFunction.apply(*tensors, *args)
+    for g, e in zip(got, want):
+        assert (g is None) == (e is None)
+        if g is not None:  # TRL's own call: the same bits
+            close(g, e, case, **({} if case == "routed" else dict(rtol=2e-2, atol=5e-2) if case in ROUTED else
+                                 dict(rtol=0, atol=0)))
+
+
+def tiny_causal_lm(V=257, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+
+
+@pytest.mark.slow
+@needs_trl
+def test_fuse_trl_lm_head_on_a_model(trl_head_calls):
+    """fuse_trl_lm_head reroutes one model's TRL head (and only its): the model's log-probs, entropy,
+    loss and every parameter's gradient equal those of a twin on TRL's head; its plain forward, its
+    signature and trl.trainer.utils stay as they were."""
+    import inspect
+
+    import trl.trainer.utils as tU
+
+    spy = tU._ChunkedLogProbFunction
+    ours, twin = tiny_causal_lm(), tiny_causal_lm()
+    for m in (ours, twin):
+        tU.add_fused_lm_head(m, temperature=0.8, outputs=("log_probs", "entropy"))
+    assert fl.fuse_trl_lm_head(ours, backend="torch") == 1
+    assert fl.fuse_trl_lm_head(ours) == 1 and ours.forward.__func__._mhpo_trl_head.backend == "auto"  # again
+    assert fl.fuse_trl_lm_head(tiny_causal_lm()) == 0  # no TRL head there
+    assert tU._ChunkedLogProbFunction is spy and twin.forward.__func__.__globals__ is vars(tU)
+    assert inspect.signature(ours.forward) == inspect.signature(twin.forward)
+    g = torch.Generator().manual_seed(8)
+    ids = torch.randint(0, 257, (3, 7), generator=g)
+    labels = ids.masked_fill(torch.rand(3, 7, generator=g) < 0.3, -100)
+    r = torch.randn(2, 3, 6, generator=g)
+    results = []
+    for m in (ours, twin):
+        m.zero_grad()
+        out = m(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.loss + (r[0] * out.log_probs).sum() + (r[1] * out.entropy).sum()).backward()
+        results.append([out.loss.detach(), out.log_probs.detach(), out.entropy.detach()]
+                       + [p.grad for p in m.parameters()])
+        assert len(trl_head_calls) == (m is twin)
+    for i, (a, e) in enumerate(zip(*results)):
+        close(a, e, f"output / gradient {i}", rtol=1e-5, atol=1e-6 * max(e.abs().max().item(), 1.0))
+    close(ours(input_ids=ids).logits, twin(input_ids=ids).logits, "plain forward", rtol=0, atol=0)

@@ -9,6 +9,7 @@ weights of both signs and zeros), MHPO against the float64 reference aggregated 
 steps of a tiny random model.
 """
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -283,6 +284,47 @@ def test_verl_external_modules_hook_registers_in_a_fresh_process():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
 
 
+VERL_FUSED = ("import json, verl.utils.torch_functional as vF, verl.workers.rollout.naive.naive_rollout as naive; "
+              "from mhpo_kernels.integrations import verl as adapter; "
+              "fns = [getattr(vF, n) for n in ('logprobs_from_logits', 'entropy_from_logits', "
+              "'entropy_from_logits_with_chunking')] + [naive.logprobs_from_logits]; "
+              "print(json.dumps([getattr(f, '_mhpo_fused', False) for f in fns] "
+              "+ [adapter.FUSED_LOGPROBS_PATCH is not None]))")
+
+
+@needs_verl
+@pytest.mark.slow
+@pytest.mark.parametrize("value", ["1", None])
+def test_verl_fused_logprobs_env_in_a_fresh_process(value):
+    """MHPO_VERL_FUSED_LOGPROBS=1 with the external-modules hook: `import verl` rebinds verl's log-prob
+    and entropy functions to the fused ones (a module imported later binds them too); unset, nothing."""
+    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="mhpo_kernels.integrations.verl")
+    env.pop("MHPO_VERL_FUSED_LOGPROBS", None)
+    if value is not None:
+        env["MHPO_VERL_FUSED_LOGPROBS"] = value
+    out = subprocess.run([sys.executable, "-c", VERL_FUSED], check=True, cwd=ROOT, env=env, capture_output=True,
+                         text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [value is not None] * 5
+
+
+@needs_verl
+def test_verl_fused_logprobs_env_values():
+    import verl.utils.torch_functional as vF
+
+    from mhpo_kernels.integrations import fused_logits as fl
+    from mhpo_kernels.integrations import verl as adapter
+
+    assert adapter.FUSED_LOGPROBS_PATCH is None and not getattr(vF.logprobs_from_logits, "_mhpo_fused", False)
+    for off in ("", "0", " false", "No", "OFF"):
+        assert adapter.patch_from_env(off) is None
+    with pytest.raises(ValueError, match="MHPO_VERL_FUSED_LOGPROBS must be 1"):
+        adapter.patch_from_env("fused")
+    original = vF.entropy_from_logits
+    with adapter.patch_from_env("True") as handle:
+        assert vF.entropy_from_logits is fl.verl_entropy_from_logits and handle.active
+    assert vF.entropy_from_logits is original
+
+
 # ----------------------------------------------------------------------------------------------- TRL
 
 TRL_V = 151936  # Qwen2's vocabulary (the slow tests); the fast ones use a small one, same code path
@@ -326,7 +368,7 @@ def toy_reward(completions, **kw):
     return [sum(int(t[1:]) % 2 == 0 for t in c.split()) / max(len(c.split()), 1) for c in completions]
 
 
-def grpo_trainer(tiny_qwen, tmp_path, control=None, V=SMALL_V, **args):
+def grpo_trainer(tiny_qwen, tmp_path, control=None, V=SMALL_V, softcap=None, **args):
     from datasets import Dataset
     from mhpo_kernels.integrations.trl import MHPOGRPOConfig, MHPOGRPOTrainer
 
@@ -335,7 +377,10 @@ def grpo_trainer(tiny_qwen, tmp_path, control=None, V=SMALL_V, **args):
     base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4, max_completion_length=6,
                 report_to="none", save_strategy="no", use_cpu=True, bf16=False, seed=0, logging_steps=1)
     config = MHPOGRPOConfig(**{**base, **args})
-    return MHPOGRPOTrainer(model=model(), reward_funcs=toy_reward, args=config, train_dataset=dataset,
+    m = model()
+    if softcap is not None:  # Gemma's: TRL's fused head reads it from the config
+        m.config.final_logit_softcapping = softcap
+    return MHPOGRPOTrainer(model=m, reward_funcs=toy_reward, args=config, train_dataset=dataset,
                            processing_class=tokenizer, ratio_control=control)
 
 
@@ -499,6 +544,78 @@ def test_trl_bad_input(tiny_qwen, tmp_path):
         grpo_trainer(tiny_qwen, tmp_path, entropy_coef=0.01)
     with pytest.raises(TypeError, match="ratio_control must be one of"):
         grpo_trainer(tiny_qwen, tmp_path, control="mhpo")
+
+
+@pytest.fixture
+def trl_head_calls(monkeypatch):
+    """Counts the calls of TRL's fused-head function (``trl.trainer.utils._ChunkedLogProbFunction.apply``)."""
+    import trl.trainer.utils as tU
+
+    real, calls = tU._ChunkedLogProbFunction, []
+
+    class Spy:
+        @staticmethod
+        def apply(*a):
+            calls.append(a[6:])  # softcap, logit_scale, outputs
+            return real.apply(*a)
+
+    monkeypatch.setattr(tU, "_ChunkedLogProbFunction", Spy)
+    return calls
+
+
+def scored(trainer, inputs):
+    """The trainer's (log-probs, entropies) of the batch's completions, through its model's fused head."""
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    C = inputs["completion_ids"].shape[1]
+    logp, ent, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, C, compute_entropy=True)
+    return logp, ent
+
+
+@needs_trl
+def test_trl_fused_lm_head_equals_trl_head(tiny_qwen, tmp_path, trl_head_calls):
+    """mhpo_fused_lm_head=True: the model scores completions with this package's tiles (TRL's head
+    function never runs for it; another trainer's model keeps TRL's), and the log-probs, entropies and
+    the full _compute_loss (loss, every parameter gradient) equal TRL's own GRPOTrainer on TRL's head."""
+    import trl.trainer.utils as tU
+    from trl import GRPOTrainer
+
+    args = dict(ratio_control="trl", loss_type="dapo", epsilon_high=0.28, temperature=0.7)
+    ours = grpo_trainer(tiny_qwen, tmp_path, mhpo_fused_lm_head=True, **args)
+    theirs = grpo_trainer(tiny_qwen, tmp_path, **args)
+    assert ours.mhpo_fused_lm_head and not theirs.mhpo_fused_lm_head  # off by default
+    assert theirs.model.forward.__func__.__globals__ is vars(tU)
+    for t in (ours, theirs):
+        t.beta = 0.04  # _compute_loss reads it (the reference log-probs are the batch's)
+        t.current_gradient_accumulation_steps = 2
+        t.model.train()
+    inputs = trl_batch(theirs, seed=3)
+    n = len(trl_head_calls)
+    (logp, ent), (want_logp, want_ent) = scored(ours, inputs), scored(theirs, inputs)
+    assert len(trl_head_calls) == n + 1  # theirs only
+    close(logp, want_logp, "log-probs", rtol=1e-5, atol=1e-6)
+    close(ent, want_ent, "entropies", rtol=1e-5, atol=1e-6)
+    loss, grads = loss_and_grads(ours, ours._compute_loss, inputs)
+    assert len(trl_head_calls) == n + 1
+    want, want_grads = loss_and_grads(theirs, lambda m, x: GRPOTrainer._compute_loss(theirs, m, x), inputs)
+    scale = max(g.abs().max().item() for g in want_grads)
+    close(loss, want, "loss", rtol=1e-5, atol=1e-7)
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        close(g, w, f"grad of parameter {i}", rtol=1e-4, atol=1e-5 * scale)
+
+
+@needs_trl
+def test_trl_fused_lm_head_leaves_a_softcapped_head_to_trl(tiny_qwen, tmp_path, trl_head_calls):
+    """A softcapped head (Gemma's final_logit_softcapping): mhpo_fused_lm_head=True hands the call to
+    TRL's function, which gives what TRL's trainer gets."""
+    ours = grpo_trainer(tiny_qwen, tmp_path, mhpo_fused_lm_head=True, softcap=2.0)
+    theirs = grpo_trainer(tiny_qwen, tmp_path, softcap=2.0)
+    inputs = trl_batch(theirs, seed=4)
+    n = len(trl_head_calls)
+    (logp, ent), (want_logp, want_ent) = scored(ours, inputs), scored(theirs, inputs)
+    assert len(trl_head_calls) == n + 2 and trl_head_calls[-1][0] == 2.0
+    close(logp, want_logp, "log-probs", rtol=0, atol=0)
+    close(ent, want_ent, "entropies", rtol=0, atol=0)
 
 
 @needs_trl

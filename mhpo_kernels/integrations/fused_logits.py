@@ -39,27 +39,36 @@ pass goes unused: a few flops per logit, no extra memory traffic).
 
 Not covered (they never reach these names): verl's ``use_fused_kernels`` (log-probs from the hidden
 states), its Megatron engine (``vocab_parallel_*``) and its temperature division (per-token, before the
-call); TRL's ``GRPOTrainer``, which in 1.16 scores completions through its fused LM head
-(``model(..., fused_lm_head=True)``) and never builds the logits. Patch before verl builds its engines
-(they keep ``entropy_from_logits``, maybe compiled, from their ``__init__``), in every process that runs
-them (e.g. from a module named in ``VERL_USE_EXTERNAL_MODULES``).
+call). Patch before verl builds its engines (they keep ``entropy_from_logits``, maybe compiled, from
+their ``__init__``), in every process that runs them: ``MHPO_VERL_FUSED_LOGPROBS=1`` with
+``VERL_USE_EXTERNAL_MODULES=mhpo_kernels.integrations.verl`` does (:mod:`mhpo_kernels.integrations.verl`).
+
+TRL's ``GRPOTrainer`` (1.16) never builds the logits: its fused LM head (``add_fused_lm_head``,
+``model(..., fused_lm_head=True)``) runs tiles of ``hidden @ weight.T`` in ``_ChunkedLogProbFunction``.
+:func:`fuse_trl_lm_head` reroutes one model's head to this package's tiles
+(:func:`trl_chunked_logprobs`, ``fused_linear._LinearLogprobs``); ``MHPOGRPOConfig(mhpo_fused_lm_head=True)``
+does it for the trainer's models.
 """
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import sys
 import threading
+import types
 import weakref
 from typing import Dict, Tuple
 
 import torch
 
+from .. import backends
 from ..api import token_logprobs
+from ..fused_linear import _LinearLogprobs, _TileOpts, default_chunk_sizes
 
 __all__ = ["verl_logprobs_from_logits", "verl_entropy_from_logits", "verl_entropy_from_logits_with_chunking",
            "trl_selective_log_softmax", "trl_entropy_from_logits", "trl_selective_log_softmax_and_entropy",
-           "patch_verl", "patch_trl", "share_entropy", "Patch"]
+           "patch_verl", "patch_trl", "share_entropy", "Patch", "trl_chunked_logprobs", "fuse_trl_lm_head"]
 
 NO_IGNORE = -(2 ** 31)  # the ignore_index no token id equals: every row is scored (its entropy is real)
 VERL_MODULE = "verl.utils.torch_functional"
@@ -276,3 +285,113 @@ def patch_trl(entropy=True) -> Patch:
         new.update(entropy_from_logits=trl_entropy_from_logits,
                    selective_log_softmax_and_entropy=trl_selective_log_softmax_and_entropy)
     return Patch("trl", TRL_MODULE, new, bool(entropy))
+
+
+# -------------------------------------------------------------------- TRL's fused LM head
+
+TRL_HEAD = "_ChunkedLogProbFunction"  # what TRL's add_fused_lm_head forward calls: .apply(hidden, weight, ...)
+_TRL_EXTRA_OUTPUTS = ("log_sum_sq_probs", "mean_logits", "is_top1")  # TRL's fields the tiles here do not compute
+
+
+def _trl_head():
+    return vars(importlib.import_module(TRL_MODULE))[TRL_HEAD]
+
+
+def _zero3() -> bool:
+    try:
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    except ImportError:  # no transformers: no TRL model either
+        return False
+    return is_deepspeed_zero3_enabled()
+
+
+def _head_plan(hidden, weight, bias, temperature, softcap, logit_scale, outputs, backend):
+    """``(backend name, GEMM dtype)`` when this package's tiles compute TRL's head call exactly, else None."""
+    if (softcap is not None or logit_scale != 1 or any(o in outputs for o in _TRL_EXTRA_OUTPUTS)
+            or not isinstance(temperature, (int, float)) or not 0 < temperature < float("inf")
+            or hidden.dim() != 2 or hidden.shape[0] == 0 or hidden.device != weight.device):
+        return None
+    name = backends.resolve(backend, hidden.device)
+    dev = hidden.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype  # TRL's compute dtype
+    if (name == backends.REFERENCE or dtype not in backends.FAST_DTYPES or dtype not in backends.REGISTRY[name].dtypes
+            or weight.dtype != dtype or (bias is not None and bias.dtype != dtype) or _zero3()):
+        return None
+    return name, dtype
+
+
+def trl_chunked_logprobs(hidden, weight, bias, targets, temperature=1.0, chunk_size=None,
+                         final_logit_softcapping=None, logit_scale=1.0, outputs=("log_probs",), backend="auto"):
+    """TRL's ``_ChunkedLogProbFunction.apply`` (its fused LM head): ``(log_probs, entropy, None, None, None)``
+    of ``softmax((hidden @ weight.T + bias) / temperature)`` at ``targets``, float32, by this package's
+    tiles (``fused_linear._LinearLogprobs``; ``entropy`` None unless in ``outputs``; ``chunk_size``, TRL's
+    vocabulary tile, unused: the tiles size themselves). TRL's own function computes the call instead when
+    ours would not be exact or cannot run: a softcap, ``logit_scale != 1``, other ``outputs``, no rows,
+    ``backend`` resolving to "reference", a weight (or bias) not in the dtype TRL multiplies in (autocast's,
+    else the hidden states'), float64, DeepSpeed ZeRO-3 (its backward re-gathers the weight)."""
+    plan = _head_plan(hidden, weight, bias, temperature, final_logit_softcapping, logit_scale, outputs, backend)
+    if plan is None:
+        return _trl_head().apply(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping,
+                                 logit_scale, outputs)
+    name, dtype = plan
+    h = hidden if hidden.dtype == dtype else hidden.to(dtype)
+    h = h if h.stride(-1) == 1 else h.contiguous()
+    N, (V, H) = h.shape[0], weight.shape
+    want_ent = "entropy" in outputs
+    rows, cols = default_chunk_sizes(N, V, H, dtype, h.device)
+    opts = _TileOpts(backends.get(name), float(temperature), NO_IGNORE, want_ent, rows, cols)
+    with torch.autocast(h.device.type, enabled=False):  # the tiles multiply in dtype, forward and backward
+        logp, ent, _ = _LinearLogprobs.apply(opts, targets.reshape(-1).long(), h, weight, bias, None, None, None)
+    return logp, ent if want_ent else None, None, None, None
+
+
+class _TRLHead:
+    """Stands in for ``_ChunkedLogProbFunction`` in a rerouted forward (:func:`fuse_trl_lm_head`)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def apply(self, *args):
+        return trl_chunked_logprobs(*args, backend=self.backend)
+
+
+def _wrapped(model):
+    """``model`` and what it wraps: PEFT's base model, DDP / DeepSpeed's ``module``, FSDP1's wrapped module."""
+    seen, todo = [], [model]
+    while todo:
+        m = todo.pop()
+        if m is None or any(m is s for s in seen):
+            continue
+        seen.append(m)
+        inner = vars(m).get("_modules", {})
+        todo += [inner.get("module"), inner.get("_fsdp_wrapped_module"), inner.get("base_model")]
+        if callable(getattr(type(m), "get_base_model", None)):
+            todo.append(m.get_base_model())
+    return seen
+
+
+def fuse_trl_lm_head(model, backend="auto") -> int:
+    """Route the fused LM head that TRL's ``add_fused_lm_head`` gave ``model`` (or a model it wraps) through
+    :func:`trl_chunked_logprobs`: that model's ``forward`` becomes a copy of TRL's whose globals are a copy of
+    ``trl.trainer.utils``'s with ``_ChunkedLogProbFunction`` ours. Nothing global changes: other models (and
+    trainers) keep TRL's head. Returns how many such forwards ``model`` holds (0: none; calling it again
+    only sets ``backend``)."""
+    tU = importlib.import_module(TRL_MODULE)
+    found = 0
+    for m in _wrapped(model):
+        fwd = vars(m).get("forward")
+        fn = getattr(fwd, "__func__", None)
+        if getattr(fn, "_mhpo_trl_head", None) is not None:
+            fn._mhpo_trl_head.backend = backend
+            found += 1
+        elif fn is not None and fn.__globals__ is vars(tU) and fn.__code__.co_name == "_fused_forward":
+            head = _TRLHead(backend)
+            new = types.FunctionType(fn.__code__, {**vars(tU), TRL_HEAD: head}, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+            new.__dict__.update(fn.__dict__)  # functools.wraps's __wrapped__: generate() reads the signature
+            for attr in ("__kwdefaults__", "__doc__", "__qualname__", "__module__", "__annotations__"):
+                setattr(new, attr, copy.copy(getattr(fn, attr)))
+            new._mhpo_trl_head = head
+            m.forward = types.MethodType(new, m)
+            found += 1
+    return found

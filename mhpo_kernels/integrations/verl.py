@@ -40,9 +40,19 @@ reports them for SAPO; the lower one 0 for CISPO, as verl's) plus, for MHPO,
 
 verl adds its KL loss (``use_kl_loss``, ``kl_loss_type``) outside the policy loss; for a KL term
 computed by this package, :data:`KL_ESTIMATORS` maps verl's ``kl_loss_type`` to ``kl_estimator``.
+
+Fused log-probs and entropy in verl's actor (verl's ``logprobs_from_logits``, ``entropy_from_logits``
+and ``entropy_from_logits_with_chunking`` rebound to
+:mod:`~mhpo_kernels.integrations.fused_logits`' in every worker, before its engines are built; see there
+for what they cover)::
+
+    export MHPO_VERL_FUSED_LOGPROBS=1   # read when this module is imported; 0 / unset: verl's own
+
+:data:`FUSED_LOGPROBS_PATCH` holds the patch's undo handle (None when off).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -53,10 +63,12 @@ from verl.workers.config import PolicyLossConfig
 from .._inputs import LOSS_AGG_MODES, SEQ_MODES
 from ..api import policy_loss_from_logprobs
 from ..config import CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, SAPOConfig
+from .fused_logits import Patch, patch_verl
 
 __all__ = [
     "MHPOPolicyLossConfig", "MHPO_KEYS", "KL_ESTIMATORS", "mhpo_config_from_verl", "clip_config_from_verl",
     "gspo_config_from_verl", "sapo_config_from_verl", "cispo_config_from_verl", "make_policy_loss", "register",
+    "FUSED_LOGPROBS_ENV", "FUSED_LOGPROBS_PATCH", "patch_from_env",
 ]
 
 # policy_loss sub-config key -> MHPOConfig field
@@ -219,3 +231,21 @@ register("mk_vanilla", clip_config_from_verl)
 register("mk_gspo", gspo_config_from_verl, "sequence")
 register("mk_sapo", sapo_config_from_verl, loss_agg_mode="seq-mean-token-mean")
 register("mk_cispo", cispo_config_from_verl)
+
+
+FUSED_LOGPROBS_ENV = "MHPO_VERL_FUSED_LOGPROBS"
+
+
+def patch_from_env(value: Optional[str] = None) -> Optional[Patch]:
+    """:func:`~mhpo_kernels.integrations.fused_logits.patch_verl` when ``value`` (None: the environment's
+    ``MHPO_VERL_FUSED_LOGPROBS``) is 1 / true / yes / on; None for 0 / false / no / off / empty."""
+    raw = os.environ.get(FUSED_LOGPROBS_ENV, "") if value is None else value
+    v = raw.strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return patch_verl()
+    if v in ("", "0", "false", "no", "off"):
+        return None
+    raise ValueError(f"{FUSED_LOGPROBS_ENV} must be 1 / true / yes / on or 0 / false / no / off, got {raw!r}")
+
+
+FUSED_LOGPROBS_PATCH = patch_from_env()
