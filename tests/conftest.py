@@ -136,3 +136,20 @@ def pytest_pyfunc_call(pyfuncitem):
                            f"{want} here: build them through the case builders (util.device_for)")
         return True
     raise AssertionError(f"the test of backend {backend!r} never called the package")
+
+
+@pytest.fixture
+def trl_head_calls(monkeypatch):
+    """Counts the calls of TRL's fused-head function (``trl.trainer.utils._ChunkedLogProbFunction.apply``)."""
+    import trl.trainer.utils as tU
+
+    real, calls = tU._ChunkedLogProbFunction, []
+
+    class Spy:
+        @staticmethod
+        def apply(*a):
+            calls.append(a[6:])  # softcap, logit_scale, outputs
+            return real.apply(*a)
+
+    monkeypatch.setattr(tU, "_ChunkedLogProbFunction", Spy)
+    return calls

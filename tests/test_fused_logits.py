@@ -541,23 +541,6 @@ def test_trl_head_matches_trl(dtype, bias):
         close_grads(got, want, str(outputs), 1e-5 if dtype == torch.float32 else 3e-2)
 
 
-@pytest.fixture
-def trl_head_calls(monkeypatch):
-    """Counts the calls of TRL's ``_ChunkedLogProbFunction.apply`` (through trl.trainer.utils)."""
-    import trl.trainer.utils as tU
-
-    real, calls = tU._ChunkedLogProbFunction, []
-
-    class Spy:
-        @staticmethod
-        def apply(*a):
-            calls.append(a[6:])  # softcap, logit_scale, outputs
-            return real.apply(*a)
-
-    monkeypatch.setattr(tU, "_ChunkedLogProbFunction", Spy)
-    return calls
-
-
 FALLBACKS = {  # name -> (hidden, weight, bias, targets, args after the targets, backend) -> the same, changed
     "softcap": lambda h, w, b, y, a, be: (h, w, b, y, a[:2] + (30.0,) + a[3:], be),
     "logit_scale": lambda h, w, b, y, a, be: (h, w, b, y, a[:3] + (2.0,) + a[4:], be),

@@ -546,23 +546,6 @@ def test_trl_bad_input(tiny_qwen, tmp_path):
         grpo_trainer(tiny_qwen, tmp_path, control="mhpo")
 
 
-@pytest.fixture
-def trl_head_calls(monkeypatch):
-    """Counts the calls of TRL's fused-head function (``trl.trainer.utils._ChunkedLogProbFunction.apply``)."""
-    import trl.trainer.utils as tU
-
-    real, calls = tU._ChunkedLogProbFunction, []
-
-    class Spy:
-        @staticmethod
-        def apply(*a):
-            calls.append(a[6:])  # softcap, logit_scale, outputs
-            return real.apply(*a)
-
-    monkeypatch.setattr(tU, "_ChunkedLogProbFunction", Spy)
-    return calls
-
-
 def scored(trainer, inputs):
     """The trainer's (log-probs, entropies) of the batch's completions, through its model's fused head."""
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
