@@ -322,7 +322,8 @@ def policy_loss(
     Materialises ``log_softmax`` and, for packed input, pads to ``[S, T_max]``
     (T_max = the longest sequence). ``backend`` / ``inplace_backward`` / ``fused_gradient`` are ignored.
     ``entropy_coeff``: ``loss - entropy_coeff * aggregate(entropy)`` (the entropy is then computed and
-    ``entropy_mean`` reported, as when ``return_entropy``).
+    ``entropy_mean`` reported, as when ``return_entropy``). ``ref_logprobs`` that require grad (a
+    reference head being trained) get the KL term's gradient, as on the fused path.
     """
     cfg, level = resolve_ratio_control(ratio_control, importance_sampling_level)
     check_entropy_coeff(entropy_coeff)
@@ -344,8 +345,11 @@ def policy_loss(
     norm = dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
                 global_num_tokens=global_num_tokens, dp_size=dp_size)
     iw = prepare_weights(importance_weights, x.shape, logits.device, x.old.dtype)
+    ref = x.ref
+    if ref is not None and ref_logprobs.requires_grad:  # a reference head being trained: the KL's gradient reaches it
+        ref = ref_logprobs.reshape(-1).to(x.old.dtype)
     loss, metrics = _policy_loss_flat(
-        logp, x.old, x.adv, x.mask, x.ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
+        logp, x.old, x.adv, x.mask, ref, beta, cfg, level, loss_agg_mode, x.seq_shape, cu_seqlens,
         entropy, entropy_coeff, norm, iw, kl_estimator, reduce,
     )
     if not reduce:
@@ -372,8 +376,11 @@ def policy_loss_from_logprobs(
     flat = lambda t: None if t is None else t.detach().reshape(-1).to(dtype)
     m = flat(torch.ones(shape, device=logprobs.device) if mask is None else mask)
     seq_shape = shape if len(shape) == 2 else (1, shape[0])
+    ref = flat(ref_logprobs)
+    if ref is not None and ref_logprobs.requires_grad:  # differentiable reference log-probs get the KL's gradient
+        ref = ref_logprobs.reshape(-1).to(dtype)
     loss, metrics = _policy_loss_flat(
-        logprobs.reshape(-1).to(dtype), flat(old_logprobs), flat(advantages), m, flat(ref_logprobs), beta,
+        logprobs.reshape(-1).to(dtype), flat(old_logprobs), flat(advantages), m, ref, beta,
         cfg, level, loss_agg_mode, seq_shape, cu_seqlens, None,
         norm=dict(loss_scale_factor=loss_scale_factor, global_batch_size=global_batch_size,
                   global_num_tokens=global_num_tokens, dp_size=dp_size),

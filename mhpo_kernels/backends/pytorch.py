@@ -123,9 +123,13 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
     a = torch.where(active, adv, zero)
     d = torch.where(active, ref - logp, zero) if ref is not None else None
     cfg = _config(mode, params)
-    if cfg is None:
+    if cfg is None:  # no ratio control: the KL term alone (FinishedLoss's d loss / d ref launch)
         value = coef = zero
-        kl = None if d is None else kl_estimate(d, kl_est)[0]  # the same estimate as token_epilogue's
+        kl = None
+        if d is not None:
+            kl, dkl = kl_estimate(d, kl_est)  # the same estimate as token_epilogue's
+            if beta:
+                value, coef = torch.where(active, beta * kl, zero), torch.where(active, beta * dkl, zero)
     else:
         value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active, iw, kl_est, torch.where(active, logp, zero))
     w = seqs.weights(m, agg, NO_NORM if agg_norm is None else agg_norm)
