@@ -72,7 +72,8 @@ def _check_bad(rank, case):
 
 
 def _check_losses(rank, backend, sizes):
-    """mhpo_loss (token-level MHPO, KL, entropy), policy_loss (GSPO, packed) and token_logprobs on shards."""
+    """mhpo_loss (token-level MHPO, KL, entropy), policy_loss (GSPO, packed; CISPO with importance weights,
+    low_var_kl, per-token terms) and token_logprobs on shards."""
     from util import make_case
 
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
@@ -85,13 +86,21 @@ def _check_losses(rank, backend, sizes):
                                       mask.reshape(-1), ratio_control=mk.GSPOConfig(),
                                       cu_seqlens=torch.tensor([0, 5, 14, 21]), **k),
     ]
+    # the finishing step's per-token inputs and outputs: importance weights (NaN where masked), low_var_kl,
+    # CISPO, per-token terms with a per-token upstream gradient, the entropy bonus
+    g = torch.Generator().manual_seed(3)
+    iw = torch.where(mask > 0, torch.rand(3, 7, generator=g) * 2, torch.full((3, 7), float("nan")))
+    up = torch.rand(3, 7, generator=g)
+    calls.append(lambda z, **k: mk.policy_loss(z, ids, old, adv, mask, ratio_control=mk.CISPOConfig(None, 0.3),
+                                               ref_logprobs=ref, beta=0.1, kl_estimator="low_var_kl",
+                                               importance_weights=iw, reduce=False, entropy_coeff=0.01, **k))
     for call in calls:
         full = logits.clone().requires_grad_()
         want = call(full, backend="reference")
-        want.loss.backward()
+        (want.loss * (up if want.loss.dim() else 1.0)).sum().backward()
         shard = logits[..., lo:hi].clone().requires_grad_()
         got = call(shard, backend=backend, process_group=group)
-        got.loss.backward()
+        (got.loss * (up if got.loss.dim() else 1.0)).sum().backward()
         where = f"{backend} sizes={sizes} rank {rank}"
         assert_close(got.loss, want.loss, 2e-6, 2e-6, f"loss {where}")
         assert_close(got.logprobs, want.logprobs, 2e-6, 2e-6, f"logprobs {where}")
