@@ -2,6 +2,7 @@
 tilings, weight-gradient precision and peak memory against the unfused path."""
 import itertools
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -307,8 +308,11 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
 
 def _peaks(*args):
+    # a fixed mmap threshold: glibc's adaptive one (raised after a large free) lets later large buffers come
+    # from the heap and stay resident after they are freed, so the high-water mark varied 10-36 MB run to run
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     res = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, *map(str, args)], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
 
