@@ -86,7 +86,9 @@ def cispo_ratio(delta, cfg: CISPOConfig):
 def surrogate(delta, adv, cfg, logp=None):
     """Per-token ``(loss, d loss / d logp)`` of a ratio control at log-ratio ``delta``
     (for GSPO and sequence-level modes, the sequence log-ratio). CISPO's loss also reads
-    ``logp`` (``-sg(clip(r)) A logp``)."""
+    ``logp`` (``-sg(clip(r)) A logp``). ``cfg`` None (no ratio control, ``MODE_NONE``): 0, 0."""
+    if cfg is None:
+        return torch.zeros_like(delta), torch.zeros_like(delta)
     if isinstance(cfg, CISPOConfig):
         c = cispo_ratio(delta, cfg)[1]
         return -c * adv * logp, -c * adv

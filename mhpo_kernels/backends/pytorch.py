@@ -14,7 +14,7 @@ import torch
 
 from .._finish import BAD_CU_SEQLENS, BAD_NONE, BAD_TARGET, METRICS, MODE_GSPO
 from ..config import MODE_NONE, CISPOConfig, ClipConfig, GSPOConfig, MHPOConfig, from_kernel_params
-from ..epilogue import _clip, cispo_ratio, clip_limits, kl_estimate, mhpo_parts, token_epilogue
+from ..epilogue import _clip, cispo_ratio, clip_limits, mhpo_parts, token_epilogue
 from ..sequences import NO_NORM, Sequences
 
 _SLOT = {name: i for i, name in enumerate(METRICS)}
@@ -122,24 +122,16 @@ def finish(logp, entropy, old, adv, mask, ref, target, cu_seqlens, num_seqs, seq
         delta = torch.where(active, seqs.mean_log_ratio(m, delta), zero)
     a = torch.where(active, adv, zero)
     d = torch.where(active, ref - logp, zero) if ref is not None else None
-    cfg = _config(mode, params)
-    if cfg is None:  # no ratio control: the KL term alone (FinishedLoss's d loss / d ref launch)
-        value = coef = zero
-        kl = None
-        if d is not None:
-            kl, dkl = kl_estimate(d, kl_est)  # the same estimate as token_epilogue's
-            if beta:
-                value, coef = torch.where(active, beta * kl, zero), torch.where(active, beta * dkl, zero)
-    else:
-        value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active, iw, kl_est, torch.where(active, logp, zero))
+    cfg = _config(mode, params)  # None (MODE_NONE): the KL term alone (FinishedLoss's d loss / d ref launch)
+    value, coef, kl = token_epilogue(cfg, delta, a, d, beta, active, iw, kl_est, torch.where(active, logp, zero))
     w = seqs.weights(m, agg, NO_NORM if agg_norm is None else agg_norm)
     loss = (w * value).sum()
     dlogp = w * coef
-    metrics = _metrics(cfg, delta, a, active, entropy, kl, dt)
+    metrics, flag = _metrics(cfg, delta, a, active, entropy, kl, dt)
     if token_out is not None:
         token_out[0] = w * value
         token_out[1] = zero if kl is None else torch.where(active, kl, zero)
-        token_out[2] = torch.where(active, _flag(cfg, delta, a), zero)
+        token_out[2] = torch.where(active, flag, zero)
     return loss, dlogp, metrics, _bad(target, cu_seqlens, N, num_classes, ignore_index, check)
 
 
@@ -153,19 +145,12 @@ def _clip_flags(cfg, delta, adv):
     return (r < 1 - cfg.eps_low) & (adv < 0), (r > 1 + cfg.eps_high) & (adv > 0)
 
 
-def _flag(cfg, delta, adv):
-    """token_out's flag row: clipped (clip, GSPO, CISPO), survival < 0.5 (MHPO), else 0."""
-    if isinstance(cfg, MHPOConfig):
-        return (torch.exp(-mhpo_parts(delta, cfg)[2]) < 0.5).to(delta.dtype)
-    if isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
-        low, high = _clip_flags(cfg, delta, adv)
-        return (low | high).to(delta.dtype)
-    return torch.zeros_like(delta)
-
-
 def _metrics(cfg, delta, adv, active, entropy, kl, dt):
-    """The 13 metric slots of ``_finish.METRICS``: means over active tokens, ``ratio_*`` = exp of the
-    extreme log-ratio (1 with no active token); slots the call does not report are 0."""
+    """``(metrics, flag)``: the 13 metric slots of ``_finish.METRICS`` (means over active tokens, ``ratio_*`` =
+    exp of the extreme log-ratio, 1 with no active token; slots the call does not report are 0) and
+    token_out's flag row, the tokens the mode's fraction metric counts (clip, GSPO, CISPO: clipped; MHPO:
+    survival < 0.5; else 0)."""
+    flag = torch.zeros_like(delta)
     n = active.sum().clamp(min=1).to(dt)
     mean = lambda x: (torch.where(active, x, 0.0)).sum() / n
     vals = {"kl_old": mean(-delta)}
@@ -179,11 +164,13 @@ def _metrics(cfg, delta, adv, active, entropy, kl, dt):
     if isinstance(cfg, MHPOConfig):
         psi, _, zeta = mhpo_parts(delta, cfg)
         survival = torch.exp(-zeta)
+        flag = (survival < 0.5).to(dt)
         vals.update(psi_mean=mean(psi), zeta_mean=mean(zeta), survival_mean=mean(survival),
-                    low_survival_frac=mean((survival < 0.5).to(dt)))
+                    low_survival_frac=mean(flag))
     elif isinstance(cfg, (ClipConfig, GSPOConfig, CISPOConfig)):
         low, high = (f.to(dt) for f in _clip_flags(cfg, delta, adv))
-        vals.update(clipfrac_low=mean(low), clipfrac_high=mean(high), clipfrac=mean(low + high))
+        flag = low + high  # exclusive: r cannot be below the low bound and above the high one
+        vals.update(clipfrac_low=mean(low), clipfrac_high=mean(high), clipfrac=mean(flag))
         if isinstance(cfg, ClipConfig) and cfg.dual_clip_c is not None:
             unclipped = _clip(delta, adv, cfg)[2]
             vals["dual_clipfrac"] = mean(((adv < 0) & (unclipped > -cfg.dual_clip_c * adv)).to(dt))
@@ -192,4 +179,4 @@ def _metrics(cfg, delta, adv, active, entropy, kl, dt):
     if kl is not None:
         vals["kl_ref"] = mean(kl)
     zero = delta.new_zeros(())
-    return torch.stack([vals.get(name, zero) for name in METRICS])
+    return torch.stack([vals.get(name, zero) for name in METRICS]), flag
