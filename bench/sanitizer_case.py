@@ -6,7 +6,7 @@ Odd V (not a multiple of any block), ignore_index and masked rows, KL and
 entropy, both gradient paths (new buffer and in-place), strided rows, and the forward
 that writes the gradient (``fused_gradient=True``, the entropy bonus inside the op as
 ``entropy_coeff``) wherever a backend has it; then the finishing step's per-token inputs and
-outputs (importance weights with NaN on masked rows, ``low_var_kl``, ``reduce=False``, CISPO,
+outputs (importance weights with NaN on masked rows, the k2 KL, ``reduce=False``, CISPO,
 packed sequences) and the weights folded into the fused-gradient forward. Each
 result is also compared with the reference, so the run fails on a wrong value as
 well as on an out-of-bounds access. Without a GPU it runs the same on CPU
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
 
 def _per_token_case(backend, device, shape, V, seed) -> bool:
-    """Packed CISPO with importance weights (NaN where masked), low_var_kl, per-token terms and a
+    """Packed CISPO with importance weights (NaN where masked), the k2 KL, per-token terms and a
     per-token upstream gradient; then the weights alone through the fused-gradient forward."""
     g = torch.Generator().manual_seed(seed)
     N = shape[0]
@@ -100,7 +100,7 @@ def _per_token_case(backend, device, shape, V, seed) -> bool:
     cu = torch.tensor(sorted({0, N // 3, N}), dtype=torch.int32)
     ids, old, adv, mask, ref, iw, up, cu = (t.to(device) for t in (ids, old, adv, mask, ref, iw, up, cu))
     ok = True
-    for kw in (dict(ratio_control=mk.CISPOConfig(0.2, 0.28), ref_logprobs=ref, beta=0.05, kl_estimator="low_var_kl",
+    for kw in (dict(ratio_control=mk.CISPOConfig(0.2, 0.28), ref_logprobs=ref, beta=0.05, kl_estimator="k2",
                     reduce=False, cu_seqlens=cu, loss_agg_mode="seq-mean-token-mean"),
                dict(fused_gradient=True)):
         x, x_ref = logits.clone().requires_grad_(True), logits.double().requires_grad_(True)

@@ -73,7 +73,7 @@ def _check_bad(rank, case):
 
 def _check_losses(rank, backend, sizes):
     """mhpo_loss (token-level MHPO, KL, entropy), policy_loss (GSPO, packed; CISPO with importance weights,
-    low_var_kl, per-token terms) and token_logprobs on shards."""
+    the k2 KL, per-token terms) and token_logprobs on shards."""
     from util import make_case
 
     lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
@@ -86,13 +86,14 @@ def _check_losses(rank, backend, sizes):
                                       mask.reshape(-1), ratio_control=mk.GSPOConfig(),
                                       cu_seqlens=torch.tensor([0, 5, 14, 21]), **k),
     ]
-    # the finishing step's per-token inputs and outputs: importance weights (NaN where masked), low_var_kl,
-    # CISPO, per-token terms with a per-token upstream gradient, the entropy bonus
+    # the finishing step's per-token inputs and outputs: importance weights (NaN where masked), k2 (unlike
+    # low_var_kl, different from k3 at every |d|), CISPO, per-token terms with a per-token upstream gradient,
+    # the entropy bonus
     g = torch.Generator().manual_seed(3)
     iw = torch.where(mask > 0, torch.rand(3, 7, generator=g) * 2, torch.full((3, 7), float("nan")))
     up = torch.rand(3, 7, generator=g)
     calls.append(lambda z, **k: mk.policy_loss(z, ids, old, adv, mask, ratio_control=mk.CISPOConfig(None, 0.3),
-                                               ref_logprobs=ref, beta=0.1, kl_estimator="low_var_kl",
+                                               ref_logprobs=ref, beta=0.1, kl_estimator="k2",
                                                importance_weights=iw, reduce=False, entropy_coeff=0.01, **k))
     for call in calls:
         full = logits.clone().requires_grad_()

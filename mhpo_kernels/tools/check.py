@@ -60,10 +60,11 @@ def _cases(quick: bool, large: bool):
          dict(temperature=0.7, loss_agg_mode="seq-mean-token-mean", beta=0.05, return_entropy=True)),
         ("N=64 V=32781 bf16", (64,), 32781, torch.bfloat16, {}),
         # the finishing step's per-token inputs and outputs (rollout weights, KL estimator, per-token
-        # terms, CISPO); the first one keeps the fused-gradient forward (weights folded into w)
+        # terms, CISPO; k2, which unlike low_var_kl differs from k3 at every |d|); the first one keeps the
+        # fused-gradient forward (weights folded into w)
         ("N=61 V=8191 bf16 IS-weights", (61,), 8191, torch.bfloat16, dict(importance_weights=True)),
-        ("B=3 T=17 V=2053 fp32 CISPO IS-weights low_var_kl per-token", (3, 17), 2053, torch.float32,
-         dict(ratio_control="cispo", beta=0.05, kl_estimator="low_var_kl", reduce=False, importance_weights=True)),
+        ("B=3 T=17 V=2053 fp32 CISPO IS-weights k2 per-token", (3, 17), 2053, torch.float32,
+         dict(ratio_control="cispo", beta=0.05, kl_estimator="k2", reduce=False, importance_weights=True)),
     ]
     if quick:
         cases = cases[:2]
